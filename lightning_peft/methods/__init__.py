@@ -1,4 +1,11 @@
-"""Fine-tuning methods: one file each, all registered in :data:`base.REGISTRY`."""
+"""Fine-tuning methods: one file each, registered in :data:`base.REGISTRY` on import.
+
+Every module in this package is imported here, so a method config recorded in a checkpoint
+or delta manifest can always be rebuilt by name.
+"""
+
+import importlib
+import pkgutil
 
 from .base import (
     REGISTRY,
@@ -12,14 +19,14 @@ from .base import (
     trainable_named_parameters,
     trainable_parameter_names,
 )
-from .full import FullFinetuningConfig
-from .partial import PartialFinetuningConfig
+
+for _info in pkgutil.iter_modules(__path__):
+    if _info.name != "base":
+        importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = [
     "REGISTRY",
-    "FullFinetuningConfig",
     "Method",
-    "PartialFinetuningConfig",
     "applied_methods",
     "count_parameters",
     "declare_trainable",
