@@ -5,11 +5,12 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import random_batch, tiny_llama
 
 from lightning_peft import CausalLM, SequenceClassifier
 from lightning_peft.callbacks import PartialFinetuning
 from lightning_peft.methods.base import trainable_parameter_names
+
+from conftest import random_batch, tiny_llama
 
 
 def _trainer(steps: int, **kw) -> L.Trainer:

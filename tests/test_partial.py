@@ -5,12 +5,13 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import random_batch, tiny_bert_classifier, tiny_gpt2, tiny_llama
 from torch import nn
 
 from lightning_peft import CausalLM, SequenceClassifier
 from lightning_peft.callbacks import FullFinetuning, PartialFinetuning
 from lightning_peft.methods.base import count_parameters, trainable_parameter_names
+
+from conftest import random_batch, tiny_bert_classifier, tiny_gpt2, tiny_llama
 
 
 def _names(model: nn.Module) -> set[str]:
