@@ -21,7 +21,7 @@ TESTS = Path(__file__).parent
 def run_script(body: str, tmp_path: Path, timeout: float = 300) -> list[dict]:
     """Write ``body`` to ``tmp_path/script.py``, run it, and return each rank's saved dict."""
     script = tmp_path / "script.py"
-    header = "import sys\nsys.path.insert(0, %r)\n" % str(TESTS)
+    header = f"import sys\nsys.path.insert(0, {str(TESTS)!r})\n"
     script.write_text(header + textwrap.dedent(body))
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
