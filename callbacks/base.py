@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from lightning_peft import checkpointing
 from lightning_peft.methods.base import Method
 
 _WRAPPED = "_lp_configure_model_wrapped"
@@ -33,6 +34,7 @@ class MethodCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Apply the method now, or right after ``configure_model`` if the network is built there."""
         assert isinstance(self, Method), "method callbacks must also inherit a Method config"
+        checkpointing.install_hooks(pl_module)  # delta-only checkpoints, verified before loading
         builds_later = (
             is_overridden("configure_model", pl_module) and next(pl_module.parameters(), None) is None
         )
@@ -51,3 +53,22 @@ class MethodCallback(L.Callback):
 
         object.__setattr__(pl_module, "configure_model", configure_then_apply)
         object.__setattr__(pl_module, _WRAPPED, self)
+
+    def _leads(self, trainer: L.Trainer) -> bool:
+        """Whether this is the first method callback of the run (the one that does checkpoint work)."""
+        first = next((c for c in trainer.callbacks if isinstance(c, MethodCallback)), None)
+        return first is None or first is self
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Keep only the trained tensors plus what rebuilds them (see :mod:`lightning_peft.checkpointing`)."""
+        if self._leads(trainer):
+            checkpointing.on_save_checkpoint(pl_module, checkpoint)
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Verify and complete a delta checkpoint (normally already done by the module's own hook)."""
+        if self._leads(trainer):
+            checkpointing.on_load_checkpoint(pl_module, checkpoint)

@@ -108,6 +108,22 @@ class _FrozenBackboneModule(L.LightningModule):
         """Run the backbone on a tokenizer-style batch (plus ``labels``); returns its output."""
         return self.backbone(**batch)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only the trained tensors, plus the method configs and a base fingerprint."""
+        from .checkpointing import on_save_checkpoint
+
+        on_save_checkpoint(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Re-apply the recorded methods if needed, verify the base, refill the frozen tensors.
+
+        Runs before Lightning's strict ``load_state_dict``, so ``load_from_checkpoint(path)``
+        and ``Trainer.fit(ckpt_path=...)`` restore a delta-only checkpoint exactly.
+        """
+        from .checkpointing import on_load_checkpoint
+
+        on_load_checkpoint(self, checkpoint)
+
     def configure_optimizers(self) -> Any:
         """AdamW over exactly the declared-trainable parameters, with optional warmup and decay."""
         named = list(trainable_named_parameters(self))
