@@ -4,22 +4,24 @@ Lester, Al-Rfou and Constant 2021, "The Power of Scale for Parameter-Efficient P
 Tuning": a learned soft prompt of ``P`` vectors in the input-embedding space is put in front
 of every sequence; the model is frozen and only those ``P x hidden`` numbers train.
 
-Mechanism. Two hooks on the Hugging Face base model (``backbone.base_model``: ``LlamaModel``,
-``GPT2Model``, ``BertModel``, ...) do the work, so the task heads above it never see the
-virtual tokens:
+Mechanism. Two forward hooks (a pre-hook that rewrites the keyword arguments and a hook
+that trims the output) do the work; where they sit depends on the model:
 
-- before ``forward``: ``input_ids`` become ``inputs_embeds`` with the prompt inserted,
-  ``attention_mask`` gains ``P`` ones, ``position_ids`` / ``token_type_ids`` gain ``P``
-  entries;
-- after ``forward``: the ``P`` virtual positions are cut out of ``last_hidden_state`` (and of
-  ``hidden_states`` when requested).
-
-So a causal LM's logits stay (B, T, V), aligned with the user's tokens and labels (the
-virtual positions never reach the loss), and a sequence classifier pools exactly as before:
-Llama-style heads find the last non-pad token from the user's ``input_ids`` (which the head
-still sees), and BERT's pooler reads ``[CLS]`` because in bidirectional encoders the prompt is
-inserted *after* the first token. In causal decoders it goes first, as in the paper and in
-Hugging Face PEFT.
+- Causal LMs (a causal decoder with an output embedding, e.g. ``LlamaForCausalLM``): on
+  the LM itself, as Hugging Face PEFT does. Before ``forward``, ``input_ids`` become
+  ``inputs_embeds`` with the prompt in front, ``attention_mask`` gains ``P`` ones on the
+  left, ``labels`` gain ``P`` entries of -100 and explicit ``position_ids`` /
+  ``token_type_ids`` gain ``P`` entries. So the last virtual position predicts the first
+  real token and the loss equals PEFT's. After ``forward``, the logits (and
+  ``hidden_states``) keep only the user's ``T`` positions: (B, T, V).
+- Everything else (sequence classifiers, encoders, bare base models): on the base model
+  (``backbone.base_model``: ``LlamaModel``, ``BertModel``, ...), so the task head never sees
+  the virtual tokens. The pre-hook inserts the prompt the same way (no labels reach the
+  base model); the hook cuts the ``P`` positions out of ``last_hidden_state`` (and of
+  ``hidden_states``). A Llama-style head still finds the last non-pad token from the
+  user's ``input_ids``, which it still sees, and BERT's pooler still reads ``[CLS]``
+  because in bidirectional encoders the prompt goes *after* the first token. In causal
+  decoders it goes first, as in the paper and in PEFT.
 
 Generation with a KV cache: the first (prefill) step inserts the prompt, so the cache holds
 ``P + T`` positions; later steps (a non-empty cache) insert nothing, but the user's attention
@@ -61,6 +63,9 @@ class SoftPrompt(nn.Module):
         dim: Width of the input embeddings.
         insert_at: Column of the user's sequence the prompt goes before (0: in front of
             everything; 1: after the first token, e.g. BERT's ``[CLS]``).
+        trim: What the output hook trims: ``"logits"`` (hooked on a causal LM: labels are
+            extended on the way in, logits trimmed on the way out) or ``"hidden"`` (hooked
+            on a base model: the virtual positions are cut from its hidden states).
         device: Device of the prompt.
         dtype: dtype of the prompt (kept in float32 or wider for stable training; it is
             cast to the embeddings' dtype on use).
@@ -71,13 +76,19 @@ class SoftPrompt(nn.Module):
         num_virtual_tokens: int,
         dim: int,
         insert_at: int = 0,
+        trim: str = "hidden",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if trim not in ("logits", "hidden"):
+            raise ValueError(f"trim must be 'logits' or 'hidden', got {trim!r}")
+        if trim == "logits" and insert_at != 0:
+            raise ValueError("a prompt hooked on a causal LM's logits must go first (insert_at=0)")
         self.weight = nn.Parameter(torch.zeros(num_virtual_tokens, dim, device=device, dtype=dtype))
         self.insert_at = insert_at
-        self._pending: list[int | None] = []
+        self.trim = trim
+        self._pending: list[tuple[int, int] | None] = []
         declare_trainable(self)
 
     @property
@@ -90,11 +101,11 @@ class SoftPrompt(nn.Module):
         weight = self.weight if dtype is None else self.weight.to(dtype)
         return weight.unsqueeze(0).expand(batch_size, -1, -1)  # (B, P, dim)
 
-    def attach(self, base: nn.Module) -> None:
-        """Register this prompt as ``base.soft_prompt`` and hook ``base``'s forward."""
-        base.add_module("soft_prompt", self)
-        base.register_forward_pre_hook(self._before_forward, with_kwargs=True)
-        base.register_forward_hook(self._after_forward, with_kwargs=True)
+    def attach(self, target: nn.Module) -> None:
+        """Register this prompt as ``target.soft_prompt`` and hook ``target``'s forward."""
+        target.add_module("soft_prompt", self)
+        target.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        target.register_forward_hook(self._after_forward, with_kwargs=True)
 
     # -- hooks ----------------------------------------------------------------------------
     def _before_forward(
@@ -114,33 +125,44 @@ class SoftPrompt(nn.Module):
                 self._pending.append(None)
                 return (), kw  # nothing to prepend to; let the model raise its own error
             embeds = module.get_input_embeddings()(ids)  # (B, T, H)
-        at = min(self.insert_at, embeds.shape[1])
-        prompt = self(embeds.shape[0], embeds.dtype)  # (B, P, H)
+        batch, length = embeds.shape[:2]
+        at = min(self.insert_at, length)
+        prompt = self(batch, embeds.dtype)  # (B, P, H)
         kw["input_ids"] = None
         kw["inputs_embeds"] = torch.cat([embeds[:, :at], prompt, embeds[:, at:]], dim=1)  # (B, P + T, H)
         kw["attention_mask"] = extend_attention_mask(kw.get("attention_mask"), num, at)
-        for key in ("position_ids", "token_type_ids"):
-            if kw.get(key) is not None:
-                extend = extend_position_ids if key == "position_ids" else extend_token_type_ids
-                kw[key] = extend(kw[key], num, at)
-        self._pending.append(at)
+        if kw.get("position_ids") is not None:
+            kw["position_ids"] = extend_position_ids(kw["position_ids"], num, at)
+        if kw.get("token_type_ids") is not None:
+            kw["token_type_ids"] = extend_token_type_ids(kw["token_type_ids"], num, at)
+        labels = kw.get("labels")
+        if self.trim == "logits" and labels is not None:
+            ignore = labels.new_full((labels.shape[0], num), -100)  # (B, P)
+            kw["labels"] = torch.cat([ignore, labels], dim=1)  # (B, P + T)
+        self._pending.append((at, length))
         return (), kw
 
     def _after_forward(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> Any:
-        at = self._pending.pop() if self._pending else None
-        if at is None:
+        pending = self._pending.pop() if self._pending else None
+        if pending is None:
             return output
+        at, length = pending
         num = self.num_virtual_tokens
 
-        def cut(h: torch.Tensor) -> torch.Tensor:  # (B, at + P + rest, H) -> (B, at + rest, H)
+        def cut(h: torch.Tensor) -> torch.Tensor:  # (B, at + P + rest, ...) -> (B, at + rest, ...)
+            if h.shape[1] != length + num:
+                # logits_to_keep already kept only the last positions: keep at most T of them
+                return h[:, -length:] if h.shape[1] > length else h
             return torch.cat([h[:, :at], h[:, at + num :]], dim=1)
 
+        first = "logits" if self.trim == "logits" else "last_hidden_state"
         if isinstance(output, tuple):
-            return (cut(output[0]), *output[1:])
-        output["last_hidden_state"] = cut(output["last_hidden_state"])
-        hidden = output.get("hidden_states") if hasattr(output, "get") else None
+            index = 1 if self.trim == "logits" and kwargs.get("labels") is not None else 0
+            return (*output[:index], cut(output[index]), *output[index + 1 :])
+        output[first] = cut(output[first])
+        hidden = output.get("hidden_states")
         if hidden is not None:
             output["hidden_states"] = tuple(cut(h) for h in hidden)
         return output
@@ -170,6 +192,12 @@ def _base_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
             f"{type(backbone).__name__} has {type(table).__name__ if table is not None else 'none'}"
         )
     return backbone, base
+
+
+def _is_causal_lm(backbone: nn.Module, base: nn.Module) -> bool:
+    """A causal decoder with an LM head (its logits are per token and its labels are token ids)."""
+    get_out = getattr(backbone, "get_output_embeddings", None)
+    return backbone is not base and is_causal(base) and callable(get_out) and get_out() is not None
 
 
 @register
@@ -206,22 +234,28 @@ class PromptTuningConfig(Method):
     # -- apply ----------------------------------------------------------------------------
     def _apply(self, model: nn.Module) -> None:
         backbone, base = _base_model(model)
-        if any(isinstance(m, SoftPrompt) for m in base.children()):
-            raise ValueError(f"{type(base).__name__} already has a soft prompt; build a fresh model")
+        if any(isinstance(m, SoftPrompt) for m in backbone.modules()):
+            raise ValueError(f"{type(backbone).__name__} already has a soft prompt; build a fresh model")
         table: nn.Embedding = base.get_input_embeddings()
         if self.position == "auto":
             insert_at = 0 if is_causal(base) else 1
         else:
             insert_at = 0 if self.position == "start" else 1
+        on_logits = insert_at == 0 and _is_causal_lm(backbone, base)
         dtype = torch.promote_types(table.weight.dtype, torch.float32)
         prompt = SoftPrompt(
-            self.num_virtual_tokens, table.embedding_dim, insert_at, device=table.weight.device, dtype=dtype
+            self.num_virtual_tokens,
+            table.embedding_dim,
+            insert_at,
+            trim="logits" if on_logits else "hidden",
+            device=table.weight.device,
+            dtype=dtype,
         )
         if table.weight.device.type != "meta":
             ids = self._init_token_ids(backbone, table.num_embeddings)
             with torch.no_grad():
                 prompt.weight.copy_(table.weight[ids.to(table.weight.device)].to(dtype))  # (P, H)
-        prompt.attach(base)
+        prompt.attach(backbone if on_logits else base)
 
     def _init_token_ids(self, backbone: nn.Module, vocab_size: int) -> torch.Tensor:
         """Token ids whose embeddings start the prompt: ``init_text`` cycled, or random rows."""
@@ -270,10 +304,9 @@ class PromptTuningConfig(Method):
         state dict's single key is ``prompt_embeddings``, to be saved exactly so (PEFT
         looks it up without any ``base_model.model.`` prefix).
         """
-        backbone, base = _base_model(model)
+        backbone, _ = _base_model(model)
         _, prompt = find_soft_prompt(model)
-        get_out = getattr(backbone, "get_output_embeddings", None)
-        if prompt.insert_at != 0 or not is_causal(base) or not callable(get_out) or get_out() is None:
+        if prompt.trim != "logits":
             return None
         text = (
             backbone.config.get_text_config()
