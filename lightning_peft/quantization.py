@@ -11,10 +11,14 @@ eval mode under ``no_grad`` on a CPU with AVX512-BF16 (new layout, scales cast t
 ``dequantize_4bit`` then returns wrong values. Layers made here never repack
 (:class:`Linear4bit`), and :func:`dense_weight` reads repacked layers made elsewhere
 correctly.
+
+Building and loading models straight into 4-bit (``quantize_on_init``,
+``load_quantized``) lives in :mod:`lightning_peft.streaming` and is re-exported here.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import warnings
@@ -527,3 +531,88 @@ def state_dict_bits(model: nn.Module) -> int:
         seen.add(key)
         total += _bits(t)
     return total
+
+
+# --------------------------------------------------------------------------- merge cost
+def _spec_of(layer: nn.Module) -> QuantSpec:
+    weight = layer.weight
+    return QuantSpec(
+        quant_type=weight.quant_type,
+        double_quant=bool(weight.compress_statistics),
+        compute_dtype=layer.compute_dtype or torch.float32,
+        blocksize=weight.blocksize,
+        quant_storage=weight.quant_storage,
+    )
+
+
+@torch.no_grad()
+def requantization_error(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """What folding adapters into the 4-bit base would cost, measured on the logits of ``batch``.
+
+    For every adapted layer over a 4-bit base (a module with a quantized ``base`` and a
+    ``merged_weight()``, such as ``LoRALinear``) two copies of the Hugging Face model are
+    built: one with the merged weight in full precision (what ``export_merged`` writes),
+    one with the merged weight quantized again with the base's settings (what an in-place
+    4-bit merge would give). Both are compared with the live model's logits. Needs memory
+    for two extra copies of the model; meant for evaluation and benchmarks.
+
+    Returns:
+        ``layers``; ``cosine_merged``/``cosine_requantized`` (cosine similarity of the
+        flattened logits with the live model's); ``max_abs_merged``/``max_abs_requantized``
+        and ``mean_abs_merged``/``mean_abs_requantized`` (absolute logit differences).
+
+    Raises:
+        ValueError: If no adapted layer sits on a 4-bit base.
+    """
+    from .targeting import find_backbone
+
+    backbone = find_backbone(model)
+    names = [
+        n
+        for n, m in backbone.named_modules()
+        if is_quantized(getattr(m, "base", None) or nn.Identity())
+        and callable(getattr(m, "merged_weight", None))
+    ]
+    if not names:
+        raise ValueError("no adapted layer over a 4-bit base in this model: nothing would be re-quantized")
+    was_training = backbone.training
+    backbone.eval()
+
+    def logits(net: nn.Module) -> torch.Tensor:
+        return net(**batch).logits.float()
+
+    try:
+        live = logits(backbone)
+        results: dict[str, float] = {"layers": len(names)}
+        for kind in ("merged", "requantized"):
+            copy_ = copy.deepcopy(backbone)
+            for name in names:
+                wrapper = copy_.get_submodule(name)
+                plain = plain_layer(wrapper.base, torch.float32)
+                merged = wrapper.merged_weight(torch.float32)  # (out, in)
+                plain.weight.data = merged.T.contiguous() if isinstance(plain, Conv1D or ()) else merged
+                new = (
+                    plain
+                    if kind == "merged"
+                    else quantize_linear(plain, **_spec_of(wrapper.base).layer_kwargs())
+                )
+                replace_module(copy_, name, new)
+            other = logits(copy_)
+            del copy_
+            results[f"cosine_{kind}"] = float(
+                torch.nn.functional.cosine_similarity(live.flatten(), other.flatten(), 0)
+            )
+            results[f"max_abs_{kind}"] = float((live - other).abs().max())
+            results[f"mean_abs_{kind}"] = float((live - other).abs().mean())
+        return results
+    finally:
+        backbone.train(was_training)
+
+
+def __getattr__(name: str) -> Any:
+    # the streaming helpers live in .streaming (which imports this module); exposed here too
+    if name in ("load_quantized", "quantize_on_init", "iter_safetensors"):
+        from . import streaming
+
+        return getattr(streaming, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

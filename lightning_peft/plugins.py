@@ -1,0 +1,235 @@
+"""``FourBitPrecision``: QLoRA's 4-bit frozen base as a Lightning precision plugin.
+
+Dettmers et al., 2023, "QLoRA: Efficient Finetuning of Quantized LLMs": the frozen base
+weights are stored in 4-bit NormalFloat with double-quantized block scales, the matmuls
+run in bf16, and only the small trainable parameters (adapters, LoRA, heads) are kept in
+fp32 for the optimizer.
+
+``Trainer(plugins=[FourBitPrecision()])`` is all it takes. Lightning's accelerator
+connector uses any ``Precision`` instance passed in ``plugins`` as the run's precision, and
+``strategy.setup`` calls :meth:`FourBitPrecision.convert_module` after ``configure_model``
+(so after every method callback injected its modules) and before the optimizers are
+built: that is where the base is quantized. Unlike Lightning's ``BitsandbytesPrecision``
+it runs on CPU as well as CUDA, never quantizes a trainable layer, and keeps output heads
+in full precision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from .methods.base import trainable_named_parameters
+from .quantization import QuantSpec, is_quantized, quantize_model
+from .streaming import load_quantized, quantize_on_init
+
+_UNSUPPORTED_STRATEGIES = {
+    "DeepSpeedStrategy": "DeepSpeed's ZeRO partitions and re-casts every parameter; 4-bit parameters carry "
+    "their quantization state outside the tensor and cannot be partitioned that way",
+    "FSDPStrategy": "FSDP flattens and shards parameters; bitsandbytes' 4-bit parameters keep their scales "
+    "outside the tensor, which FSDP does not shard or gather (support via quant_storage is planned)",
+    "ModelParallelStrategy": "FSDP2/tensor parallelism shard parameters as DTensors; 4-bit parameters and "
+    "their scales are not DTensor-aware yet (support via quant_storage is planned)",
+    "XLAStrategy": "bitsandbytes has no XLA kernels",
+    "SingleDeviceXLAStrategy": "bitsandbytes has no XLA kernels",
+}
+
+
+class FourBitPrecision(Precision):
+    """Quantize the frozen base linear layers to 4 bits; compute in ``compute_dtype``.
+
+    Args:
+        quant_type: ``"nf4"`` (QLoRA's NormalFloat) or ``"fp4"``.
+        double_quant: Quantize the per-block scales again (8-bit, blocks of 256).
+        compute_dtype: dtype of the matmuls: ``torch.bfloat16`` (default),
+            ``torch.float16`` or ``torch.float32`` (a name such as ``"bfloat16"`` works too,
+            for YAML configs).
+        skip_modules: Module names (full, or trailing components such as ``"down_proj"``)
+            to keep in full precision, in addition to the output heads.
+        blocksize: Weights per quantization block (64 by default, as in QLoRA).
+        quantize_heads: Quantize output heads too (off by default: they are small and
+            sensitive).
+
+    Raises:
+        ValueError: For an unknown ``quant_type``, a non-float ``compute_dtype``, a
+            ``blocksize`` that is not a power of two in 64..4096, or a malformed
+            ``skip_modules``.
+    """
+
+    def __init__(
+        self,
+        quant_type: str = "nf4",
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | str = torch.bfloat16,
+        skip_modules: Iterable[str] | str | None = None,
+        *,
+        blocksize: int = 64,
+        quantize_heads: bool = False,
+    ) -> None:
+        self.spec = QuantSpec(
+            quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype, blocksize=blocksize
+        )
+        if isinstance(skip_modules, str):
+            skip_modules = [skip_modules]
+        skip = list(skip_modules or ())
+        bad = [s for s in skip if not isinstance(s, str) or not s or s.startswith(".") or s.endswith(".")]
+        if bad:
+            raise ValueError(f"skip_modules must be module names such as 'lm_head' or 'down_proj'; got {bad}")
+        if not isinstance(quantize_heads, bool):
+            raise ValueError(f"quantize_heads must be True or False, got {quantize_heads!r}")
+        self.skip_modules = skip
+        self.quantize_heads = quantize_heads
+        self.quantized_modules: list[str] = []
+        self._device_type = "cpu"
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype matmuls run in."""
+        return self.spec.compute_dtype
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return (
+            f"{type(self).__name__}(quant_type={s.quant_type!r}, double_quant={s.double_quant}, "
+            f"compute_dtype={s.compute_dtype}, skip_modules={self.skip_modules}, blocksize={s.blocksize})"
+        )
+
+    # -- the model ----------------------------------------------------------------------
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        """Quantize the frozen base linear layers of ``module`` in place and return it.
+
+        Trainable parameters (declared, or with ``requires_grad``) are left alone and cast
+        to fp32 for the optimizer; the modules of every method, output heads and
+        ``skip_modules`` are left alone; a LoRA wrapper's frozen ``base`` is quantized.
+        Runs once per layer: already-quantized layers are kept.
+
+        Raises:
+            RuntimeError: If the Trainer's strategy cannot hold 4-bit parameters.
+        """
+        trainer = getattr(module, "_trainer", None) if isinstance(module, L.LightningModule) else None
+        device = None
+        if trainer is not None:
+            check_strategy(trainer.strategy)
+            device = trainer.strategy.root_device
+        first = next(module.parameters(), None)
+        if device is None and first is not None:
+            device = first.device
+        if device is not None and device.type == "meta":
+            device = None
+        self._device_type = device.type if device is not None else "cpu"
+        self.quantized_modules += quantize_model(
+            module,
+            self.spec,
+            skip_modules=self.skip_modules,
+            skip_heads=not self.quantize_heads,
+            device=device,
+        )
+        upcast_trainable(module)
+        if not any(is_quantized(m) for m in module.modules()):
+            rank_zero_warn(
+                f"FourBitPrecision found no frozen linear layer to quantize in {type(module).__name__}: "
+                "everything is trainable, skipped, or not a linear layer. Freeze the base (any method callback "
+                "does) or check skip_modules."
+            )
+        return module
+
+    @contextlib.contextmanager
+    def _building(self) -> Any:
+        with quantize_on_init(self.spec, self.skip_modules, skip_heads=not self.quantize_heads):
+            yield
+
+    def tensor_init_context(self) -> contextlib.AbstractContextManager:
+        """Quantize linear layers as they are built (``Trainer.init_module()``), one at a time."""
+        return self._building()
+
+    def module_init_context(self) -> contextlib.AbstractContextManager:
+        """Same as :meth:`tensor_init_context` (used around ``configure_model``)."""
+        return self._building()
+
+    def load(self, source: str, auto_class: Any = None, **kwargs: Any) -> nn.Module:
+        """Load a local Hugging Face folder straight into 4-bit with these settings.
+
+        See :func:`lightning_peft.quantization.load_quantized`; the result can be passed
+        to ``CausalLM(model)`` / ``SequenceClassifier(model)``.
+        """
+        skip = kwargs.pop("skip_modules", self.skip_modules)
+        return load_quantized(
+            source,
+            auto_class,
+            spec=self.spec,
+            skip_modules=skip,
+            skip_heads=not self.quantize_heads,
+            **kwargs,
+        )
+
+    # -- the steps ----------------------------------------------------------------------
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        """Autocast the non-quantized layers to ``compute_dtype`` (nothing to do in fp32)."""
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self._device_type, dtype=self.compute_dtype)
+
+    def convert_input(self, data: Any) -> Any:
+        """Inputs stay as they are (token ids; float inputs are cast by autocast)."""
+        return data
+
+    def convert_output(self, data: Any) -> Any:
+        """Outputs stay as they are."""
+        return data
+
+    def state_dict(self) -> dict[str, Any]:
+        """The settings, saved in checkpoints for reference."""
+        s = self.spec
+        return {
+            "quant_type": s.quant_type,
+            "double_quant": s.double_quant,
+            "compute_dtype": str(s.compute_dtype).replace("torch.", ""),
+            "blocksize": s.blocksize,
+            "skip_modules": list(self.skip_modules),
+            "quantize_heads": self.quantize_heads,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Warn if a checkpoint was trained with other quantization settings."""
+        if state_dict and state_dict != self.state_dict():
+            rank_zero_warn(
+                f"this checkpoint was trained with FourBitPrecision settings {state_dict}; resuming with "
+                f"{self.state_dict()}: the frozen base is quantized differently"
+            )
+
+
+def check_strategy(strategy: Any) -> None:
+    """Raise ``RuntimeError`` if ``strategy`` cannot train over 4-bit parameters.
+
+    Single-device and DDP strategies work (quantization is deterministic, so every rank
+    holds the same base); sharding strategies do not yet.
+    """
+    for cls in type(strategy).__mro__:
+        reason = _UNSUPPORTED_STRATEGIES.get(cls.__name__)
+        if reason is not None:
+            raise RuntimeError(
+                f"FourBitPrecision does not support {type(strategy).__name__}: {reason}. Use a single device "
+                "or strategy='ddp' (each rank holds the whole 4-bit base, which is 1/4 to 1/8 the size)."
+            )
+
+
+def upcast_trainable(module: nn.Module) -> list[str]:
+    """Cast trainable floating parameters that are not fp32 to fp32 (the optimizer's copy); returns their names."""
+    names = []
+    seen = set()
+    named = list(trainable_named_parameters(module))
+    named += [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    for name, param in named:
+        if id(param) in seen or not param.is_floating_point() or param.dtype == torch.float32:
+            continue
+        seen.add(id(param))
+        param.data = param.data.float()
+        names.append(name)
+    return names
