@@ -61,9 +61,9 @@ bnb = _import_bnb()
 # --------------------------------------------------------------------------- layers
 def _dequantize_state(data: torch.Tensor, state: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dequantize packed 4-bit ``data`` with its ``QuantState`` into a new ``(out, in)`` tensor."""
+    if getattr(state, "packing_format_for_cpu", False):  # the repack set dtype to bf16
+        return _dequantize_cpu_packed(data, state).to(dtype or getattr(state, "original_dtype", state.dtype))
     dtype = dtype or state.dtype
-    if getattr(state, "packing_format_for_cpu", False):
-        return _dequantize_cpu_packed(data, state).to(dtype)
     op = getattr(getattr(torch.ops, "bitsandbytes", None), "dequantize_4bit", None)
     if data.device.type != "cpu" or op is None:
         return bnb.functional.dequantize_4bit(data, state).to(dtype)
