@@ -59,6 +59,10 @@ FORMAT = "lightning-peft-delta"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PEFT_PREFIX = "base_model.model."
+PEFT_PROMPT_LEARNING = frozenset(
+    {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"}
+)
+"""PEFT types whose adapter files hold ``prompt_embeddings`` as is, without ``base_model.model.``."""
 _DATA_FILE = re.compile(r"delta-[0-9a-f]{8,64}\.safetensors")
 _STALE_MANIFEST = re.compile(r"\.manifest-[0-9a-f]{8,64}\.json")
 _SHA = re.compile(r"[0-9a-f]{64}")
@@ -503,7 +507,8 @@ def export_peft(obj: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the applied method as a Hugging Face PEFT adapter folder.
 
     ``adapter_config.json`` and ``adapter_model.safetensors`` (tensor names prefixed with
-    ``base_model.model.``), as ``PeftModel.save_pretrained`` writes them, so
+    ``base_model.model.``, except PEFT's prompt-learning types, whose single
+    ``prompt_embeddings`` tensor has no prefix), as ``PeftModel.save_pretrained`` writes them, so
     ``PeftModel.from_pretrained(base, directory)`` (and vLLM, TGI, ...) load it.
 
     Raises:
@@ -531,7 +536,8 @@ def export_peft(obj: nn.Module, directory: str | os.PathLike) -> Path:
         )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {PEFT_PREFIX + name: t for name, t in state.items()}
+    prompt_learning = config.get("peft_type") in PEFT_PROMPT_LEARNING
+    tensors = {(name if prompt_learning else PEFT_PREFIX + name): t for name, t in state.items()}
     _replace_atomically(directory / "adapter_model.safetensors", _serialize(tensors, {"format": "pt"}))
     _replace_atomically(
         directory / "adapter_config.json", json.dumps(config, indent=2, sort_keys=True).encode()
