@@ -185,6 +185,25 @@ def test_resuming_with_another_method_config_is_refused(straight_run):
         _trainer(8, [LoRA(r=2)]).fit(_module(), _loader(), ckpt_path=folder / "step=4.ckpt")
 
 
+def test_qlora_checkpoint_resumes_onto_the_full_precision_base_before_quantization(tmp_path):
+    from lightning_peft.plugins import FourBitPrecision
+
+    def qlora(steps: int) -> L.Trainer:
+        return _trainer(steps, [LoRA(r=4)], plugins=[FourBitPrecision("nf4", compute_dtype=torch.float32)])
+
+    trainer = qlora(2)
+    trainer.fit(_module(), _loader())
+    trainer.save_checkpoint(tmp_path / "q.ckpt")
+    meta = _load(tmp_path / "q.ckpt")[META_KEY]
+    assert sum(bool(e.get("quantized")) for e in meta["fingerprint"]["tensors"]) == 14  # 2 blocks x 7 layers
+    # Lightning restores before the plugin quantizes: a 4-bit fingerprint meets a full-precision base.
+    again = qlora(3)
+    again.fit(_module(), _loader(), ckpt_path=tmp_path / "q.ckpt")
+    assert again.global_step == 3
+    with pytest.raises(FingerprintMismatchError, match="values differ"):
+        qlora(3).fit(_module(seed=1), _loader(), ckpt_path=tmp_path / "q.ckpt")
+
+
 # --------------------------------------------------------------------------- without a Trainer
 def test_causal_lm_load_from_checkpoint_rebuilds_base_method_and_deltas(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "base")
