@@ -21,6 +21,7 @@ from lightning_peft.checkpointing import META_KEY
 from lightning_peft.delta import DeltaError, trainable_state_dict
 from lightning_peft.fingerprint import IGNORE_FINGERPRINT_ENV, FingerprintMismatchError, fingerprint
 from lightning_peft.methods.base import applied_methods, trainable_named_parameters
+from lightning_peft.methods.lora import LoRAConfig
 
 from conftest import random_batch, tiny_bert_classifier, tiny_llama
 
@@ -235,7 +236,8 @@ def test_causal_lm_load_from_checkpoint_rebuilds_base_method_and_deltas(tmp_path
 def test_sequence_classifier_load_from_checkpoint_keeps_the_trained_head(tmp_path):
     tiny_bert_classifier().save_pretrained(tmp_path / "base")
     module = SequenceClassifier(str(tmp_path / "base"), num_labels=2, lr=1e-2)
-    trainer = _trainer(3, [LoRA(r=2, target_modules=["query", "value"])])
+    LoRAConfig(r=2, target_modules=["query", "value"]).apply(module)  # no callback: the module's hooks work
+    trainer = _trainer(3, [])
     trainer.fit(module, _loader("cls"))
     trainer.save_checkpoint(tmp_path / "run.ckpt")
     state = _load(tmp_path / "run.ckpt")["state_dict"]
@@ -279,3 +281,17 @@ def test_callbacks_make_any_module_save_deltas_and_resume(tmp_path, weights_only
         _trainer(5, [LoRA(r=4), PartialFinetuning(parts=["layernorm"])]).fit(
             _Plain(seed=1), _loader(), ckpt_path=tmp_path / "last.ckpt"
         )
+
+
+def test_with_several_method_callbacks_only_the_first_does_checkpoint_work():
+    lora, partial = LoRA(r=2), PartialFinetuning(parts=["layernorm"])
+    trainer = _trainer(1, [partial, lora])
+    module = _Plain()
+    lora.apply(module)
+    partial.apply(module)
+    checkpoint = {"state_dict": module.state_dict()}
+    lora.on_save_checkpoint(trainer, module, checkpoint)
+    assert META_KEY not in checkpoint and len(checkpoint["state_dict"]) == len(module.state_dict())
+    partial.on_save_checkpoint(trainer, module, checkpoint)
+    assert list(checkpoint["state_dict"]) == list(trainable_state_dict(module))
+    assert [m["method"] for m in checkpoint[META_KEY]["methods"]] == ["lora", "partial"]
