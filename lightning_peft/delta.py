@@ -10,7 +10,8 @@ saves and restores only that part, and checks it goes back onto the same base:
 * :func:`save_delta` / :func:`load_delta`: a folder holding ``manifest.json`` and one
   ``delta-<generation>.safetensors``. The manifest is replaced atomically and names the
   data file, so a reader always finds one complete generation, even if the writer was
-  killed mid-save. Loading validates everything before the model changes and never
+  killed mid-save. Loading validates the folder, the methods and the base fingerprint before
+  the model changes, checks names and shapes before any value is copied, and never
   unpickles or imports anything named in the folder.
 * :func:`export_peft` / :func:`import_peft`: Hugging Face PEFT's adapter folder format
   (``adapter_config.json`` + ``adapter_model.safetensors``); the per-method mapping lives
