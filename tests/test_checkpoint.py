@@ -119,6 +119,7 @@ _RESUME = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_resume_in_a_fresh_process_matches_straight_training(straight_run, tmp_path):
     module, trainer, folder = straight_run
     script = tmp_path / "resume.py"

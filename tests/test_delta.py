@@ -369,6 +369,7 @@ _SAVER = textwrap.dedent(
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.slow
 def test_saver_killed_at_random_moments_always_leaves_a_loadable_generation(tmp_path):
     script = tmp_path / "saver.py"
     script.write_text(_SAVER.format(tests=str(TESTS)))
