@@ -2,7 +2,9 @@
 
 from dataclasses import dataclass
 
-from lightning_peft.methods.lora import LoRAConfig
+import lightning as L
+
+from lightning_peft.methods.lora import LoRAConfig, lora_layers
 
 from .base import MethodCallback
 
@@ -24,3 +26,16 @@ class LoRA(MethodCallback, LoRAConfig):
         use_rslora: Rank-stabilized scaling ``alpha / sqrt(r)``.
         modules_to_save: Modules trained in full and saved with the adapter.
     """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Put the LoRA layers in training mode so their dropout is active.
+
+        Lightning keeps each module's mode as it finds it, and ``from_pretrained`` returns
+        models in eval mode; the adapters' dropout must still run while training. Only the
+        wrappers switch (their frozen base layers keep their mode); the validation loop
+        restores modes as usual.
+        """
+        super().on_train_start(trainer, pl_module)
+        if self.dropout > 0:
+            for _, layer in lora_layers(pl_module):
+                layer.training = True
