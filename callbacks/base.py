@@ -15,6 +15,7 @@ import lightning as L
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_peft import checkpointing
+from lightning_peft.distributed import prepare_strategy
 from lightning_peft.methods.base import Method
 
 _WRAPPED = "_lp_configure_model_wrapped"
@@ -35,6 +36,7 @@ class MethodCallback(L.Callback):
         """Apply the method now, or right after ``configure_model`` if the network is built there."""
         assert isinstance(self, Method), "method callbacks must also inherit a Method config"
         checkpointing.install_hooks(pl_module)  # delta-only checkpoints, verified before loading
+        prepare_strategy(trainer, pl_module)  # FSDP/DeepSpeed settings, sharded delta checkpoints
         builds_later = (
             is_overridden("configure_model", pl_module) and next(pl_module.parameters(), None) is None
         )

@@ -106,6 +106,10 @@ def _sample(tensor: torch.Tensor, k: int = SAMPLES) -> torch.Tensor:
         return torch.empty(0)
     k = min(k, n)
     flat = [0] if k == 1 else [i * (n - 1) // (k - 1) for i in range(k)]  # exact integer positions
+    if hasattr(tensor, "device_mesh"):  # an FSDP2-sharded DTensor: each rank reads its own positions
+        from .distributed import sample_sharded
+
+        return sample_sharded(tensor, flat)
     index = torch.tensor(flat, dtype=torch.long, device=tensor.device)
     if tensor.ndim == 0:
         values = tensor.reshape(1)

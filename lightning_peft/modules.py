@@ -108,6 +108,22 @@ class _FrozenBackboneModule(L.LightningModule):
         """Run the backbone on a tokenizer-style batch (plus ``labels``); returns its output."""
         return self.backbone(**batch)
 
+    def configure_model(self) -> None:
+        """Shard the backbone with FSDP2 when ``ModelParallelStrategy`` provides a device mesh.
+
+        Lightning calls this after the method callback applied its method, so each
+        transformer block is sharded with the method's modules inside it (see
+        :func:`lightning_peft.distributed.shard_backbone`). Without a mesh (one device, DDP)
+        it does nothing; on a sharded backbone it does nothing, so calling it again is safe.
+        """
+        if self.device_mesh is None:
+            return
+        from .distributed import prepare_strategy, shard_backbone
+
+        if self._trainer is not None:
+            prepare_strategy(self._trainer, self)
+        shard_backbone(self, self.device_mesh)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the trained tensors, plus the method configs and a base fingerprint."""
         from .checkpointing import on_save_checkpoint

@@ -1,0 +1,523 @@
+"""Scaling out: FSDP2 sharding of a frozen backbone, and strategy checks and configuration.
+
+* :func:`shard_backbone` applies PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``) to
+  every transformer block and then to the backbone, after a method has been applied. FSDP2
+  shards each parameter on its own, so frozen base weights and trainable method weights can
+  share one block: frozen ones are only all-gathered, trainable ones also get their
+  gradients reduce-scattered. Our LightningModules call it from ``configure_model`` when
+  Lightning's ``ModelParallelStrategy`` provides a device mesh.
+* :func:`trainable_state_dict` / :func:`load_trainable_state_dict` read and write only the
+  declared-trainable tensors of a sharded (or plain) model, so a delta checkpoint never
+  materializes the frozen model on one rank.
+* :func:`check_strategy` rejects configurations that cannot train a frozen-backbone model
+  correctly, with a message that says what to change; :func:`fsdp_strategy` and
+  :func:`deepspeed_strategy` build Lightning's CUDA-only sharded strategies with the
+  settings a parameter-efficient run needs.
+
+Nothing here imports Lightning at module level except for type names used in checks.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .methods.base import applied_methods, sync_requires_grad, trainable_named_parameters
+from .targeting import find_backbone, find_block_list
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+DATA_PARALLEL = "data_parallel"
+"""Name of the data-parallel dimension in Lightning's ``ModelParallelStrategy`` device mesh."""
+
+
+# --------------------------------------------------------------------------- FSDP2
+def is_sharded(module: nn.Module) -> bool:
+    """Whether FSDP2 (``fully_shard``) was applied to ``module`` or any of its submodules."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The one-dimensional mesh to shard over.
+
+    A 1-D mesh is used as is. A 2-D mesh from ``ModelParallelStrategy`` (dimensions
+    ``data_parallel`` x ``tensor_parallel``) must have a tensor-parallel size of 1: our
+    modules apply data parallelism (FSDP2) only.
+
+    Raises:
+        ValueError: If the mesh has other dimensions of size > 1.
+    """
+    if mesh.ndim == 1:
+        return mesh
+    names = mesh.mesh_dim_names or ()
+    if DATA_PARALLEL not in names:
+        raise ValueError(
+            f"cannot shard over a {mesh.ndim}-D device mesh without a {DATA_PARALLEL!r} dimension "
+            f"(dimensions: {names}); pass a 1-D mesh"
+        )
+    others = {n: mesh.size(i) for i, n in enumerate(names) if n != DATA_PARALLEL and mesh.size(i) > 1}
+    if others:
+        raise ValueError(
+            f"the backbone is sharded with FSDP2 over the {DATA_PARALLEL!r} dimension only, but the device "
+            f"mesh also has {others}. Use ModelParallelStrategy(data_parallel_size=<world size>, "
+            "tensor_parallel_size=1), or override configure_model to add tensor parallelism yourself."
+        )
+    return mesh[DATA_PARALLEL]
+
+
+def shard_backbone(
+    module: nn.Module,
+    mesh: DeviceMesh,
+    *,
+    reshard_after_forward: bool = True,
+    mp_policy: Any | None = None,
+) -> nn.Module:
+    """Shard ``module`` with FSDP2: each transformer block, then the backbone, then the rest.
+
+    Call it after the fine-tuning method was applied (so its new modules are sharded with
+    the blocks they live in). Frozen and trainable parameters may share a block: FSDP2
+    shards every parameter along dim 0 and keeps ``requires_grad``; the trainability
+    declarations live on modules and survive the parameter swap. Calling it again on a
+    sharded module does nothing.
+
+    Args:
+        module: A LightningModule or any ``nn.Module`` holding a Hugging Face backbone.
+        mesh: The device mesh; a 2-D ``ModelParallelStrategy`` mesh is reduced to its
+            data-parallel dimension (see :func:`data_parallel_mesh`).
+        reshard_after_forward: Free the gathered weights after each block's forward
+            (ZeRO-3 behaviour) rather than keeping them until backward (ZeRO-2).
+        mp_policy: An optional ``torch.distributed.fsdp.MixedPrecisionPolicy``.
+
+    Returns:
+        ``module``, sharded in place.
+
+    Raises:
+        ValueError: If the model has no list of repeated blocks, or the mesh is not
+            data-parallel only.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if is_sharded(module):
+        return module
+    mesh = data_parallel_mesh(mesh)
+    kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    _check_shardable(module)
+    backbone = find_backbone(module)
+    _, blocks = find_block_list(backbone)
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(backbone, **kwargs)
+    # Parameters a method placed outside the backbone (or a user's extra modules) must be
+    # sharded too: an unsharded parameter would never have its gradient reduced.
+    if backbone is not module:
+        for child in _containers_of_plain_parameters(module, backbone):
+            fully_shard(child, **kwargs)
+    sync_requires_grad(module)
+    return module
+
+
+def _check_shardable(module: nn.Module) -> None:
+    """Reject parameters FSDP2 cannot shard, before any is touched."""
+    for name, param in module.named_parameters():
+        if getattr(param, "quant_state", None) is not None:
+            raise NotImplementedError(
+                f"{name} is a bitsandbytes 4-bit weight; FSDP2 turns it into a plain sharded tensor and loses "
+                "its quantization state. See docs/scaling.md for QLoRA under sharding."
+            )
+
+
+def _containers_of_plain_parameters(module: nn.Module, backbone: nn.Module) -> list[nn.Module]:
+    """Top-level children of ``module`` (other than the backbone) that own parameters."""
+    out = []
+    for child in module.children():
+        if child is backbone or any(m is backbone for m in child.modules()):
+            continue
+        if next(child.parameters(), None) is not None:
+            out.append(child)
+    direct = [n for n, _ in module.named_parameters(recurse=False)]
+    if direct:
+        raise ValueError(
+            f"{type(module).__name__} holds parameter(s) {direct} directly; FSDP2 can only shard "
+            "parameters inside submodules. Move them into a submodule."
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- sharded tensors
+def sample_sharded(tensor: torch.Tensor, positions: list[int]) -> torch.Tensor:
+    """Values of a (possibly sharded) tensor at flat ``positions`` of its global shape, fp32 on CPU.
+
+    For a ``DTensor`` sharded along one dimension of a 1-D mesh (what FSDP2 makes), each rank
+    reads the positions that fall in its own shard and the few values are summed across
+    ranks: nothing but the sample is communicated. Other layouts are gathered first. Every
+    rank must call it (it is a collective for sharded tensors).
+
+    Args:
+        tensor: A plain tensor or a ``DTensor``.
+        positions: Flat indices into the global (logical) tensor.
+
+    Returns:
+        A ``(len(positions),)`` float32 CPU tensor, the same on every rank.
+    """
+    index = torch.tensor(positions, dtype=torch.long)
+    if not hasattr(tensor, "device_mesh"):
+        flat = tensor.detach().reshape(-1) if tensor.ndim else tensor.detach().reshape(1)
+        return flat[index.to(flat.device)].to(device="cpu", dtype=torch.float32)
+    import torch.distributed as dist
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh, placements = tensor.device_mesh, tensor.placements
+    local = tensor.to_local().detach()
+    if all(isinstance(p, Replicate) for p in placements):
+        return local.reshape(-1)[index.to(local.device)].to(device="cpu", dtype=torch.float32)
+    if mesh.ndim != 1 or not isinstance(placements[0], Shard):
+        return tensor.full_tensor().detach().reshape(-1)[index.to(local.device)].to("cpu", torch.float32)
+    dim = placements[0].dim % tensor.ndim
+    shape = tuple(tensor.shape)
+    chunk = -(-shape[dim] // mesh.size())  # torch.chunk semantics: ceil(size / ranks) rows per rank
+    start = mesh.get_local_rank() * chunk
+    coords = list(torch.unravel_index(index, shape))  # tensor.ndim tensors of (k,)
+    mine = (coords[dim] >= start) & (coords[dim] < start + local.shape[dim])  # (k,)
+    values = torch.zeros(len(positions), dtype=torch.float32, device=local.device)
+    if bool(mine.any()):
+        coords[dim] = coords[dim] - start
+        picked = tuple(c[mine].to(local.device) for c in coords)
+        values[mine.to(local.device)] = local[picked].to(torch.float32)
+    dist.all_reduce(values, group=mesh.get_group())  # each position is owned by exactly one rank
+    return values.cpu()
+
+
+def gather_trainable(module: nn.Module, *, full: bool) -> dict[str, torch.Tensor]:
+    """The delta tensors of ``module`` (:func:`lightning_peft.delta.trainable_state_dict`), sharded or gathered.
+
+    Only trainable tensors are touched, so the frozen model is never materialized.
+
+    Args:
+        module: A plain or FSDP2-sharded model.
+        full: Gather every sharded tensor in full on every rank (a collective: call it on
+            every rank, in the same order), moved to the CPU. Otherwise sharded tensors stay
+            ``DTensor`` shards, which ``torch.distributed.checkpoint`` writes shard by shard.
+
+    Returns:
+        ``{qualified_name: tensor}``, detached, in module order.
+    """
+    from .delta import trainable_state_dict
+
+    out = {}
+    for name, tensor in trainable_state_dict(module).items():
+        if full and hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor().cpu()
+        out[name] = tensor
+    return out
+
+
+@torch.no_grad()
+def load_trainable(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy delta tensors (full or with the model's own sharding) into a plain or sharded ``module``.
+
+    Full tensors must be the same on every rank; each rank keeps its own shard (no
+    communication).
+
+    Raises:
+        KeyError: If the key set is not exactly the module's delta key set.
+        ValueError: On a shape mismatch.
+    """
+    from torch.distributed.tensor import distribute_tensor
+
+    from .delta import trainable_state_dict
+
+    live = trainable_state_dict(module, keep_vars=True)
+    missing, unexpected = sorted(live.keys() - state_dict.keys()), sorted(state_dict.keys() - live.keys())
+    if missing or unexpected:
+        raise KeyError(
+            f"delta tensors do not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
+    for name, target in live.items():
+        value = state_dict[name]
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(f"{name}: saved shape {tuple(value.shape)} != model shape {tuple(target.shape)}")
+        if hasattr(target, "device_mesh"):
+            if not hasattr(value, "device_mesh"):
+                value = distribute_tensor(
+                    value.to(target.device, target.dtype),
+                    target.device_mesh,
+                    target.placements,
+                    src_data_rank=None,
+                )
+            target.to_local().copy_(value.to_local())
+        else:
+            target.copy_(value.full_tensor() if hasattr(value, "full_tensor") else value)
+
+
+# --------------------------------------------------------------------------- Lightning strategies
+_PREPARED = "_lp_strategy_prepared"
+
+
+def prepare_strategy(trainer: Any, pl_module: nn.Module) -> None:
+    """Check and adjust the trainer's strategy for a frozen-backbone run (idempotent).
+
+    * ``ModelParallelStrategy`` (FSDP2): checkpoints hold only the delta tensors, sharded
+      (``torch.distributed.checkpoint`` folder) or gathered (one file), and resume from them
+      (see :func:`install_delta_checkpointing`).
+    * ``FSDPStrategy`` (FSDP1, CUDA): see :func:`configure_fsdp`.
+    * ``DeepSpeedStrategy`` (CUDA): see :func:`configure_deepspeed`.
+    * DDP and single-device strategies need nothing: methods are applied before wrapping,
+      and every trainable parameter of every method takes part in each step, so the
+      default ``find_unused_parameters=False`` holds.
+    """
+    strategy = trainer.strategy
+    if getattr(strategy, _PREPARED, False):
+        return
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(strategy, ModelParallelStrategy):
+        install_delta_checkpointing(strategy)
+    elif isinstance(strategy, FSDPStrategy):
+        configure_fsdp(strategy, pl_module)
+    elif isinstance(strategy, DeepSpeedStrategy):
+        configure_deepspeed(strategy, pl_module)
+    setattr(strategy, _PREPARED, True)
+
+
+def install_delta_checkpointing(strategy: Any) -> None:
+    """Make a ``ModelParallelStrategy`` save and load only the delta tensors.
+
+    Lightning's strategy collects and loads the whole model's state dict; a delta
+    checkpoint lacks the frozen tensors, so it could not be loaded back. With this:
+
+    * saving collects only :func:`gather_trainable` (sharded ``DTensor`` pieces for the
+      default ``save_distributed_checkpoint=True``, gathered full tensors otherwise): the
+      frozen model is never gathered or copied;
+    * loading a delta checkpoint verifies it first (methods, base fingerprint, exact key set
+      and shapes, by :func:`lightning_peft.checkpointing.on_load_checkpoint`) and then loads
+      the delta tensors and the optimizer state shard by shard. Other checkpoints load as
+      Lightning loads them.
+    """
+    if getattr(strategy, "_lp_delta_checkpointing", False):
+        return
+    original_state_dict = strategy.lightning_module_state_dict
+    original_load = strategy.load_checkpoint
+    strategy.lightning_module_state_dict = functools.partial(_state_dict, strategy, original_state_dict)
+    strategy.load_checkpoint = functools.partial(_load_checkpoint, strategy, original_load)
+    strategy._lp_delta_checkpointing = True
+
+
+def _has_delta(module: nn.Module) -> bool:
+    return bool(applied_methods(module)) and next(trainable_named_parameters(module), None) is not None
+
+
+def _state_dict(strategy: Any, original: Any) -> dict[str, Any]:
+    module = strategy.lightning_module
+    if not _has_delta(module):
+        return original()
+    return gather_trainable(module, full=not getattr(strategy, "_save_distributed_checkpoint", True))
+
+
+def _load_checkpoint(
+    strategy: Any, original: Any, checkpoint_path: Any, weights_only: bool | None = None
+) -> Any:
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+    from .checkpointing import is_delta_checkpoint, on_load_checkpoint
+
+    path = Path(strategy.broadcast(checkpoint_path))
+    module = strategy.lightning_module
+    if not path.is_dir():  # one file, written with save_distributed_checkpoint=False
+        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
+        if not is_delta_checkpoint(checkpoint):
+            return original(path, weights_only)
+        on_load_checkpoint(module, checkpoint)  # verifies before anything changes
+        strict = module._strict_loading
+        module.strict_loading = False  # the file holds exactly the delta keys (just verified)
+        try:
+            rest = original(path, weights_only)
+        finally:
+            module._strict_loading = strict
+        rest.update({k: v for k, v in checkpoint.items() if k not in rest})
+        return rest
+    metadata = torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+    if not is_delta_checkpoint(metadata):
+        return original(path, weights_only)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from .delta import trainable_state_dict
+
+    stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    live = trainable_state_dict(module)
+    # Load what the checkpoint holds of our keys; a missing or extra key fails the check below.
+    loaded = {name: torch.empty_like(t) for name, t in live.items() if f"state_dict.{name}" in stored}
+    dcp.load({"state_dict": loaded}, checkpoint_id=path)
+    saved_names = {k.split(".", 1)[1] for k in stored if k.startswith("state_dict.")}
+    extra = {name: torch.empty(0) for name in saved_names - loaded.keys()}  # reported by the check
+    checkpoint = {**metadata, "state_dict": {**loaded, **extra}}
+    on_load_checkpoint(module, checkpoint)  # methods, fingerprint, key set, shapes
+    load_trainable(module, loaded)
+    for idx, optimizer in enumerate(strategy.optimizers):
+        key = f"optimizer_{idx}"
+        state = {key: get_optimizer_state_dict(module, optimizer)}
+        dcp.load(state, checkpoint_id=path)
+        set_optimizer_state_dict(
+            module, optimizer, optim_state_dict=state[key], options=StateDictOptions(cpu_offload=True)
+        )
+    return checkpoint
+
+
+def consolidate_checkpoint(folder: str | Path, output: str | Path | None = None) -> dict[str, Any]:
+    """Turn a sharded ``ModelParallelStrategy`` checkpoint folder into one Lightning checkpoint.
+
+    The result loads without any process group: ``CausalLM.load_from_checkpoint(output)``,
+    ``Trainer(devices=1).fit(ckpt_path=output)``. For a delta checkpoint it holds only the
+    delta tensors and their optimizer state, so it is as small as the folder.
+
+    Args:
+        folder: The checkpoint folder (``torch.distributed.checkpoint`` files plus Lightning's
+            ``meta.pt``). Load only folders you trust: ``meta.pt`` is a pickle.
+        output: Where to ``torch.save`` the result (optional).
+
+    Returns:
+        The checkpoint dict, with optimizer states keyed by parameter index as a
+        single-process optimizer expects.
+    """
+    import tempfile
+
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    folder = Path(folder)
+    if not (folder / _METADATA_FILENAME).is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a sharded Lightning checkpoint (no {_METADATA_FILENAME} inside)"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(folder, Path(tmp) / "state.pt")
+        state = torch.load(Path(tmp) / "state.pt", map_location="cpu", weights_only=True)
+    checkpoint = torch.load(folder / _METADATA_FILENAME, map_location="cpu", weights_only=False)
+    checkpoint["state_dict"] = state.pop("state_dict")
+    optimizers = sorted((k for k in state if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1]))
+    checkpoint["optimizer_states"] = [_index_keyed(state.pop(k)) for k in optimizers]
+    if output is not None:
+        torch.save(checkpoint, output)
+    return checkpoint
+
+
+def _index_keyed(optimizer_state: dict[str, Any]) -> dict[str, Any]:
+    """Re-key an optimizer state dict from parameter names to indices (``Optimizer.state_dict`` format)."""
+    index: dict[str, int] = {}
+    groups = []
+    for group in optimizer_state["param_groups"]:
+        ids = [index.setdefault(name, len(index)) for name in group["params"]]
+        groups.append({**group, "params": ids})
+    states = {index[name]: value for name, value in optimizer_state["state"].items()}
+    return {"state": states, "param_groups": groups}
+
+
+class BlockWrapPolicy:
+    """FSDP1 auto-wrap policy: one FSDP unit per transformer block of ``model``.
+
+    The block class is found (:func:`lightning_peft.targeting.find_block_list`) when FSDP
+    wraps, so it also works for models built in ``configure_model``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._types: tuple[type[nn.Module], ...] | None = None
+
+    def __call__(self, module: nn.Module, recurse: bool, nonwrapped_numel: int = 0) -> bool:
+        """FSDP asks with ``recurse=True`` whether to descend, then whether to wrap ``module``."""
+        if recurse:
+            return True
+        if self._types is None:
+            _, blocks = find_block_list(find_backbone(self.model))
+            self._types = (type(blocks[0]),)
+        return isinstance(module, self._types)
+
+
+def configure_fsdp(strategy: Any, pl_module: nn.Module) -> None:
+    """Adjust a Lightning ``FSDPStrategy`` (FSDP1) for frozen and trainable parameters.
+
+    FSDP1 flattens the parameters of each wrapped unit into one tensor; frozen and
+    trainable parameters can share a unit only with ``use_orig_params=True``. Without an
+    auto-wrap policy the whole model would be one unit (no memory saved), so each
+    transformer block becomes one (:class:`BlockWrapPolicy`). A policy the user set is kept.
+
+    Raises:
+        ValueError: If ``use_orig_params=False`` was asked for.
+    """
+    if strategy.kwargs.get("use_orig_params") is False:
+        raise ValueError(
+            "FSDPStrategy(use_orig_params=False) cannot hold frozen and trainable parameters in one FSDP "
+            "unit; remove use_orig_params=False, or use ModelParallelStrategy (FSDP2)"
+        )
+    strategy.kwargs["use_orig_params"] = True
+    strategy.kwargs.setdefault("auto_wrap_policy", BlockWrapPolicy(pl_module))
+
+
+def fsdp_strategy(**kwargs: Any) -> Any:
+    """A Lightning ``FSDPStrategy`` (CUDA only) set up for parameter-efficient fine-tuning.
+
+    ``use_orig_params=True`` and, unless given, the :class:`BlockWrapPolicy` of the model are
+    filled in when the run is set up (see :func:`configure_fsdp`). Checkpoints use
+    ``state_dict_type="full"``: Lightning gathers the full state dict on rank 0 and the
+    delta hook keeps only the trained tensors. For sharded delta checkpoints that never
+    gather the frozen model, use ``ModelParallelStrategy`` (FSDP2).
+
+    Args:
+        **kwargs: Anything ``FSDPStrategy`` accepts (``sharding_strategy``,
+            ``mixed_precision``, ``cpu_offload``, ``activation_checkpointing_policy``...).
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if kwargs.get("use_orig_params") is False:
+        raise ValueError(
+            "fsdp_strategy needs use_orig_params=True (frozen and trainable parameters share units)"
+        )
+    kwargs.setdefault("state_dict_type", "full")
+    return FSDPStrategy(**kwargs)
+
+
+def configure_deepspeed(strategy: Any, pl_module: Any) -> None:
+    """Adjust a Lightning ``DeepSpeedStrategy`` (CUDA only) for delta checkpoints.
+
+    DeepSpeed writes checkpoints itself. ``exclude_frozen_parameters=True`` makes it leave
+    the frozen base out, and the module loads non-strictly since the base is not in the
+    checkpoint; DeepSpeed does not report which keys it loaded, so the key-set check of our
+    own checkpoints does not run here.
+    """
+    strategy.exclude_frozen_parameters = True
+    if hasattr(pl_module, "strict_loading"):
+        pl_module.strict_loading = False
+
+
+def deepspeed_strategy(stage: int = 2, **kwargs: Any) -> Any:
+    """A Lightning ``DeepSpeedStrategy`` (CUDA only) for parameter-efficient fine-tuning.
+
+    ZeRO-2 shards gradients and optimizer states of the trainable parameters (the frozen
+    base stays replicated: fine while it fits one GPU); ZeRO-3 also shards the base.
+
+    Args:
+        stage: ZeRO stage, 2 or 3.
+        **kwargs: Anything ``DeepSpeedStrategy`` accepts (``offload_optimizer``, ...).
+
+    Raises:
+        ValueError: For another stage.
+    """
+    if stage not in (2, 3):
+        raise ValueError(f"stage must be 2 or 3 (ZeRO-1 saves nothing over DDP for adapters), got {stage!r}")
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    kwargs.setdefault("exclude_frozen_parameters", True)
+    return DeepSpeedStrategy(stage=stage, **kwargs)

@@ -1,0 +1,156 @@
+"""Runs the strategy tests compare: every method on one tiny classifier, seeded the same everywhere.
+
+A single-process run on batches of ``B`` and a 2-process run on ``B/2`` per rank (Lightning's
+``DistributedSampler`` without shuffling splits each global batch between the ranks) see
+the same global batches. With dropout at 0 and a mean-reduced sequence-classification loss,
+their gradients, and so their trained weights, agree up to float rounding.
+
+The method is applied before ``fit`` under a fixed seed, so every rank and the reference
+start from the same initial adapters (the callback's own ``apply`` then is a no-op); the
+callback still takes part in the run (strategy checks, delta checkpoints).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+GLOBAL_BATCH = 4
+SAMPLES = 8  # two steps per epoch
+STEPS = 4
+
+METHODS = {
+    "lora": lambda c: c.LoRA(r=4, alpha=8, dropout=0.0, target_modules="all-linear"),
+    "dora": lambda c: c.LoRA(r=4, alpha=8, dropout=0.0, target_modules=["query", "value"], use_dora=True),
+    "adapter": lambda c: c.Adapter(bottleneck=8),
+    "prefix": lambda c: c.PrefixTuning(num_virtual_tokens=4),
+    "prompt": lambda c: c.PromptTuning(num_virtual_tokens=4),
+    "partial": lambda c: c.PartialFinetuning(parts=["bias"], last_n_layers=1),
+    "full": lambda c: c.FullFinetuning(),
+}
+
+
+def classifier(seed: int = 0):
+    """A 2-layer BERT sequence classifier without dropout (so runs are deterministic)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        classifier_dropout=0.0,
+    )
+    return BertForSequenceClassification(cfg)
+
+
+def samples(n: int = SAMPLES, seq: int = 10, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``n`` equal-length, unpadded examples (no padding: every token counts the same)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (n, seq), generator=g)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    return [
+        {"input_ids": ids[i], "attention_mask": torch.ones(seq, dtype=torch.long), "labels": labels[i]}
+        for i in range(n)
+    ]
+
+
+class Batches(L.LightningDataModule):
+    """Sequential batches of ``batch`` examples per rank.
+
+    Lightning's automatic ``DistributedSampler`` always shuffles training data, so the
+    sampler is made here, without shuffling: rank ``r`` of ``n`` takes examples ``r, r+n, ...``,
+    and the ranks' batches at one step together form the single-process batch.
+    """
+
+    def __init__(self, batch: int) -> None:
+        super().__init__()
+        self.batch = batch
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        data = samples()
+        split = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None)
+        sampler = None
+        if split and split.get("num_replicas", 1) > 1:
+            sampler = torch.utils.data.DistributedSampler(data, shuffle=False, **split)
+        return torch.utils.data.DataLoader(data, batch_size=self.batch, sampler=sampler)
+
+
+def loader(batch: int) -> Batches:
+    """The data for ``Trainer.fit(module, datamodule=loader(batch))``."""
+    return Batches(batch)
+
+
+def build(name: str, method_seed: int = 1, **module_kw):
+    """``(module, callback)``: a fresh classifier with method ``name`` applied under ``method_seed``."""
+    from lightning_peft import SequenceClassifier
+    from lightning_peft import callbacks as c
+
+    module = SequenceClassifier(classifier(), num_labels=2, lr=1e-2, schedule="constant", **module_kw)
+    callback = METHODS[name](c)
+    torch.manual_seed(method_seed)
+    callback.apply(module)
+    return module, callback
+
+
+def trainer(steps: int = STEPS, strategy="auto", devices: int = 1, callbacks=(), **kw) -> L.Trainer:
+    """A quiet CPU trainer (checkpointing only if a ``ModelCheckpoint`` is among ``callbacks``)."""
+    return L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=steps,
+        callbacks=list(callbacks),
+        logger=False,
+        enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kw,
+    )
+
+
+def trained(module) -> dict[str, torch.Tensor]:
+    """The delta tensors of ``module``, gathered in full (a collective under FSDP2), on the CPU."""
+    from lightning_peft.distributed import gather_trainable
+
+    return {k: v.detach().cpu().clone() for k, v in gather_trainable(module, full=True).items()}
+
+
+def reference(name: str, steps: int = STEPS, **module_kw) -> dict[str, torch.Tensor]:
+    """The single-process run of method ``name`` on global batches."""
+    module, callback = build(name, **module_kw)
+    trainer(steps, callbacks=[callback]).fit(module, datamodule=loader(GLOBAL_BATCH))
+    return trained(module)
+
+
+def initial(name: str) -> dict[str, torch.Tensor]:
+    """The delta tensors before training."""
+    module, _ = build(name)
+    return trained(module)
+
+
+def trained_any(trainer, module) -> dict[str, torch.Tensor]:
+    """:func:`trained` under FSDP1 or DeepSpeed ZeRO-3 too (gathers their shards first; CUDA tests)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    from lightning_peft.methods.base import trainable_named_parameters
+
+    if isinstance(trainer.strategy, FSDPStrategy):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False):
+            return trained(module)
+    if isinstance(trainer.strategy, DeepSpeedStrategy) and trainer.strategy.zero_stage_3:
+        import deepspeed
+
+        params = [p for _, p in trainable_named_parameters(module)]
+        with deepspeed.zero.GatheredParameters(params):
+            return trained(module)
+    return trained(module)

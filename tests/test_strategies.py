@@ -1,0 +1,222 @@
+"""Every method under DDP on 2 CPU processes, strategy configuration helpers, and GPU-only strategies.
+
+One subprocess script trains every method in turn under ``strategy="ddp"`` (Lightning's
+default ``find_unused_parameters=False``: a trainable parameter left without a gradient
+would fail the second step), plus gradient checkpointing and a delta-checkpoint resume,
+and saves what each rank ends with. The tests compare both ranks with each other and with a
+single-process run on the same global batches.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import peft_runs
+import pytest
+import torch
+from distributed import run_script
+
+DDP_SCRIPT = """
+import os
+import torch
+import peft_runs as p
+
+out = {}
+for name in p.METHODS:
+    module, callback = p.build(name)
+    t = p.trainer(p.STEPS, strategy="ddp", devices=2, callbacks=[callback])
+    t.fit(module, datamodule=p.loader(p.GLOBAL_BATCH // 2))
+    out.update({f"{name}/{k}": v for k, v in p.trained(module).items()})
+
+# gradient checkpointing (non-reentrant) under DDP
+module, callback = p.build("lora", gradient_checkpointing=True)
+p.trainer(p.STEPS, strategy="ddp", devices=2, callbacks=[callback]).fit(module, datamodule=p.loader(p.GLOBAL_BATCH // 2))
+out.update({f"gc/{k}": v for k, v in p.trained(module).items()})
+
+# a delta checkpoint after one epoch (2 steps), resumed for a second epoch on a model with
+# other initial adapters (Lightning resumes cleanly from a checkpoint of a finished fit)
+module, callback = p.build("lora")
+t = p.trainer(-1, strategy="ddp", devices=2, callbacks=[callback], max_epochs=1)
+t.fit(module, datamodule=p.loader(p.GLOBAL_BATCH // 2))
+t.save_checkpoint("ddp.ckpt")
+out.update({f"step2/{k}": v for k, v in p.trained(module).items()})
+module, callback = p.build("lora", method_seed=7)
+t = p.trainer(-1, strategy="ddp", devices=2, callbacks=[callback], max_epochs=2)
+t.fit(module, datamodule=p.loader(p.GLOBAL_BATCH // 2), ckpt_path="ddp.ckpt")
+out.update({f"resume/{k}": v for k, v in p.trained(module).items()})
+out["files"] = torch.tensor(len([f for f in os.listdir(".") if f.endswith(".ckpt")]))
+torch.save(out, f"rank{t.global_rank}.pt")
+"""
+
+
+@functools.cache
+def reference(name: str, **module_kw) -> dict[str, torch.Tensor]:
+    return peft_runs.reference(name, **module_kw)
+
+
+def section(result: dict, prefix: str) -> dict[str, torch.Tensor]:
+    return {k.split("/", 1)[1]: v for k, v in result.items() if k.startswith(prefix + "/")}
+
+
+# The attention key bias adds the same q.b to every score of a query, which softmax ignores:
+# its true gradient is 0, so AdamW (eps 1e-8) turns float noise of ~1e-10 into steps of up to
+# lr. Its value depends on summation order and is not comparable across process counts.
+NOISE_ONLY = ".attention.self.key.bias"
+
+
+def assert_close(got: dict, want: dict, what: str, atol: float = 1e-5) -> None:
+    assert got.keys() == want.keys(), f"{what}: keys differ"
+    for key in want:
+        if key.endswith(NOISE_ONLY) and atol > 0:
+            continue
+        diff = (got[key].float() - want[key].float()).abs().max().item()
+        assert diff <= atol, f"{what}: {key} differs by {diff:.2e}"
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    ranks = run_script(DDP_SCRIPT, tmp)
+    assert len(ranks) == 2
+    return ranks, tmp
+
+
+@pytest.mark.slow
+def test_ddp_ranks_end_identical(ddp):
+    (r0, r1), _ = ddp
+    assert r0.keys() == r1.keys()
+    for key in r0:
+        assert torch.equal(r0[key], r1[key]), f"ranks differ on {key}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(peft_runs.METHODS))
+def test_ddp_matches_single_process_on_the_same_global_batch(ddp, name):
+    (r0, _), _ = ddp
+    got, want, start = section(r0, name), reference(name), peft_runs.initial(name)
+    assert_close(got, want, name)
+    assert all(not torch.equal(want[k], start[k]) for k in want), "every trainable tensor should move"
+
+
+@pytest.mark.slow
+def test_ddp_gradient_checkpointing_changes_nothing(ddp):
+    (r0, _), _ = ddp
+    assert_close(section(r0, "gc"), reference("lora"), "gradient checkpointing")
+
+
+@pytest.mark.slow
+def test_ddp_delta_checkpoint_written_once_and_resumed_on_every_rank(ddp):
+    (r0, r1), tmp = ddp
+    assert int(r0["files"]) == 1
+    checkpoint = torch.load(tmp / "ddp.ckpt", map_location="cpu", weights_only=False)
+    step2 = section(r0, "step2")
+    assert checkpoint["state_dict"].keys() == step2.keys(), "only the delta tensors are saved"
+    for key, value in step2.items():
+        assert torch.equal(checkpoint["state_dict"][key], value)
+    # Both ranks resumed weights and optimizer state: a rank with fresh Adam moments would drift.
+    assert_close(section(r0, "resume"), section(r0, "lora"), "resumed run")
+    assert_close(section(r1, "resume"), section(r0, "lora"), "resumed run on rank 1")
+
+
+# --------------------------------------------------------------------------- configuration helpers
+def test_fsdp1_is_configured_for_mixed_frozen_and_trainable_parameters():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_peft.distributed import BlockWrapPolicy, configure_fsdp, fsdp_strategy
+
+    module, _ = peft_runs.build("lora")
+    strategy = fsdp_strategy()
+    assert strategy._state_dict_type == "full"
+    configure_fsdp(strategy, module)
+    policy = strategy.kwargs["auto_wrap_policy"]
+    assert strategy.kwargs["use_orig_params"] is True and isinstance(policy, BlockWrapPolicy)
+    wrapped = [n for n, m in module.named_modules() if n and policy(m, recurse=False)]
+    assert wrapped == ["backbone.bert.encoder.layer.0", "backbone.bert.encoder.layer.1"]
+    assert policy(module, recurse=True)
+    with pytest.raises(ValueError, match="use_orig_params"):
+        configure_fsdp(FSDPStrategy(use_orig_params=False), module)
+    with pytest.raises(ValueError, match="use_orig_params"):
+        fsdp_strategy(use_orig_params=False)
+    kept = FSDPStrategy(auto_wrap_policy={torch.nn.Linear})
+    configure_fsdp(kept, module)
+    assert not isinstance(kept.kwargs["auto_wrap_policy"], BlockWrapPolicy), "a user's policy is kept"
+
+
+def test_deepspeed_helper_checks_the_stage():
+    from lightning_peft.distributed import deepspeed_strategy
+
+    with pytest.raises(ValueError, match="stage must be 2 or 3"):
+        deepspeed_strategy(stage=1)
+
+
+def test_shard_backbone_rejects_tensor_parallel_meshes():
+    from lightning_peft.distributed import data_parallel_mesh
+
+    class FakeMesh:
+        ndim = 2
+        mesh_dim_names = ("data_parallel", "tensor_parallel")
+
+        def size(self, i):
+            return 2
+
+    with pytest.raises(ValueError, match="tensor_parallel_size=1"):
+        data_parallel_mesh(FakeMesh())
+
+
+# --------------------------------------------------------------------------- CUDA only
+needs_two_gpus = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices"
+)
+
+GPU_SCRIPT = """
+import lightning as L
+import torch
+import peft_runs as p
+from lightning_peft.distributed import {helper}
+
+out = {{}}
+for name in ("lora", "adapter", "prefix"):
+    module, callback = p.build(name)
+    t = L.Trainer(
+        accelerator="cuda", devices=2, strategy={helper}({args}), max_steps=p.STEPS, callbacks=[callback],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    t.fit(module, datamodule=p.loader(p.GLOBAL_BATCH // 2))
+    t.save_checkpoint(f"{{name}}.ckpt")
+    out.update({{f"{{name}}/{{k}}": v for k, v in p.trained_any(t, module).items()}})
+torch.save(out, f"rank{{t.global_rank}}.pt")
+"""
+
+
+def assert_gpu_run_matches(ranks, tmp_path):
+    assert len(ranks) == 2
+    r0, r1 = ranks
+    for name in ("lora", "adapter", "prefix"):
+        got0, got1 = section(r0, name), section(r1, name)
+        assert_close(got0, got1, f"{name}: rank 1", atol=0.0)
+        assert_close(got0, reference(name), f"{name} vs one CPU process", atol=1e-4)
+        checkpoint_path = tmp_path / f"{name}.ckpt"
+        assert checkpoint_path.exists()
+
+
+@pytest.mark.gpu
+@needs_two_gpus
+def test_fsdp1_strategy_trains_methods_like_one_process(tmp_path):
+    ranks = run_script(GPU_SCRIPT.format(helper="fsdp_strategy", args=""), tmp_path)
+    assert_gpu_run_matches(ranks, tmp_path)
+    checkpoint = torch.load(tmp_path / "lora.ckpt", map_location="cpu", weights_only=False)
+    assert set(checkpoint["state_dict"]) == set(section(ranks[0], "lora")), "only the delta tensors are saved"
+
+
+@pytest.mark.gpu
+@needs_two_gpus
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_trains_methods_and_saves_without_frozen_weights(tmp_path, stage):
+    pytest.importorskip("deepspeed")
+    ranks = run_script(GPU_SCRIPT.format(helper="deepspeed_strategy", args=f"stage={stage}"), tmp_path)
+    assert_gpu_run_matches(ranks, tmp_path)
+    model_files = list((tmp_path / "lora.ckpt").rglob("*model_states.pt"))
+    assert model_files, "DeepSpeed writes a checkpoint folder"
+    saved = sum(f.stat().st_size for f in model_files)
+    full = sum(p.numel() * 4 for p in peft_runs.classifier().parameters())
+    assert saved < 0.5 * full, "frozen weights are excluded"
