@@ -70,6 +70,25 @@ def load_pretrained(model: str | os.PathLike | nn.Module, auto_class: Any, **kwa
         ) from err
 
 
+def random_from_config(model: str | os.PathLike, auto_class: Any, seed: int = 0, **kwargs: Any) -> nn.Module:
+    """Build ``model``'s architecture from its ``config.json`` with freshly initialized weights.
+
+    For folders that hold only a config (and a tokenizer). The initialization is seeded by
+    ``seed`` without touching the global RNG, so the same folder always gives the same base
+    weights (delta-only checkpoints of it can be reloaded).
+    """
+    if isinstance(model, nn.Module):
+        raise ValueError(
+            "init='random' needs a model folder or hub id (a config to build from), not a module"
+        )
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model_source(model))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return auto_class.from_config(config, **kwargs)
+
+
 class _FrozenBackboneModule(L.LightningModule):
     """Shared optimizer, schedule and freezing logic of the task modules."""
 
@@ -281,6 +300,8 @@ class CausalLM(_FrozenBackboneModule):
         schedule: LR decay after warmup: ``"cosine"``, ``"linear"`` or ``"constant"``.
         gradient_checkpointing: Recompute activations in the backward pass (non-reentrant).
         torch_dtype: dtype to load the weights in (``"float32"``, ``"bfloat16"``...).
+        init: ``"pretrained"`` loads the weights; ``"random"`` builds the architecture from the
+            folder's ``config.json`` with seeded random weights (for folders without weights).
     """
 
     def __init__(
@@ -293,6 +314,7 @@ class CausalLM(_FrozenBackboneModule):
         schedule: Schedule = "cosine",
         gradient_checkpointing: bool = False,
         torch_dtype: str | None = None,
+        init: Literal["pretrained", "random"] = "pretrained",
     ) -> None:
         super().__init__(
             lr=lr,
@@ -301,13 +323,18 @@ class CausalLM(_FrozenBackboneModule):
             schedule=schedule,
             gradient_checkpointing=gradient_checkpointing,
         )
+        if init not in ("pretrained", "random"):
+            raise ValueError(f"init must be 'pretrained' or 'random', got {init!r}")
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
         from transformers import AutoModelForCausalLM
 
         kwargs: dict[str, Any] = {}
         if torch_dtype is not None:
             kwargs["dtype"] = getattr(torch, torch_dtype)
-        self.backbone = load_pretrained(model, AutoModelForCausalLM, **kwargs)
+        if init == "random":
+            self.backbone = random_from_config(model, AutoModelForCausalLM, **kwargs)
+        else:
+            self.backbone = load_pretrained(model, AutoModelForCausalLM, **kwargs)
         self._finish_backbone(gradient_checkpointing)
         self.val_loss_mean = torchmetrics.MeanMetric()
 
