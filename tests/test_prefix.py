@@ -359,6 +359,46 @@ def test_projection_starts_from_the_same_activations():
         )
 
 
+def test_checkpoint_holds_only_prefix_and_head_and_rebuilds(tmp_path):
+    tiny_bert_classifier().save_pretrained(tmp_path / "base")
+    module = SequenceClassifier(str(tmp_path / "base"), num_labels=2, lr=1e-2)
+    trainer = _trainer(3)
+    trainer.callbacks.append(PrefixTuning(num_virtual_tokens=P))
+    trainer.fit(module, train_dataloaders=_loader("cls"))
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    state = torch.load(tmp_path / "run.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert set(state) == {
+        "backbone.prefix_encoder.prefix",
+        "backbone.classifier.weight",
+        "backbone.classifier.bias",
+    }
+    loaded = SequenceClassifier.load_from_checkpoint(tmp_path / "run.ckpt").eval()
+    module.eval()
+    batch = random_batch(labels="cls", seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, module(**batch).logits, rtol=0, atol=0)
+
+
+def test_delta_after_folding_holds_only_plain_prefixes_and_reloads(tmp_path):
+    from safetensors.torch import load_file
+
+    import lightning_peft
+
+    model = PrefixTuning(num_virtual_tokens=P, projection_dim=16).apply(tiny_llama())
+    _randomize(model, std=0.5)
+    batch = random_batch()
+    with torch.no_grad():
+        projected = model(**batch).logits
+    lightning_peft.merge(model)
+    lightning_peft.save_delta(model, tmp_path)
+    (data,) = tmp_path.glob("*.safetensors")
+    assert set(load_file(str(data))) == {"prefix_encoder.prefix"}
+    fresh = lightning_peft.load_delta(tiny_llama(), tmp_path)
+    assert applied_methods(fresh) == [PrefixTuningConfig(num_virtual_tokens=P)]
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).logits, projected, rtol=0, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_keep_ranks_identical(tmp_path):
     ranks = run_script(
@@ -443,6 +483,26 @@ def test_peft_round_trip_through_from_peft(tmp_path):
         PrefixTuningConfig.from_peft_config({**config, "num_transformer_submodules": 2})
     with pytest.raises(ValueError, match="shape"):
         method.from_peft(fresh, {PEFT_KEY: torch.zeros(P + 1, 4)})
+
+
+def test_public_export_and_import_peft_round_trip(tmp_path):
+    peft = pytest.importorskip("peft")
+    import lightning_peft
+
+    module = CausalLM(tiny_llama())
+    PrefixTuning(num_virtual_tokens=P, projection_dim=16).apply(module)
+    _randomize(module, std=0.3)
+    lightning_peft.merge(module)  # fold the projection: PEFT stores the computed prefixes
+    lightning_peft.export_peft(module, tmp_path)
+    batch = random_batch()
+    batch["attention_mask"][0, 9:] = 0
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = module(**batch).logits
+        theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))(**batch).logits
+        back = lightning_peft.import_peft(tiny_llama(), tmp_path)(**batch).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    torch.testing.assert_close(back, ours, rtol=0, atol=0)
 
 
 def test_projected_prefixes_export_as_computed_values():

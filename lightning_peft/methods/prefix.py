@@ -317,7 +317,9 @@ class _AttentionHook:
         kv_len = q_len
         if inner is not None:
             sizes = getattr(inner, "get_mask_sizes", None)
-            kv_len = int(sizes(q_len, self.layer)[0]) if callable(sizes) else inner.get_seq_length() + q_len
+            layer_idx = getattr(module, "layer_idx", None)
+            layer_idx = self.layer if layer_idx is None else layer_idx
+            kv_len = int(sizes(q_len, layer_idx)[0]) if callable(sizes) else inner.get_seq_length() + q_len
         causal = bool(getattr(module, "is_causal", False)) and kw.get("is_causal", True) is not False
         kw["attention_mask"] = _prefix_mask(
             kw.get("attention_mask"), self.encoder.num_virtual_tokens, q_len, kv_len, causal, implementation
