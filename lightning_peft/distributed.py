@@ -20,6 +20,7 @@ Nothing here imports Lightning at module level except for type names used in che
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -110,7 +111,7 @@ def shard_backbone(
     kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
-    _check_shardable(module)
+    _quantize_first(module)
     backbone = find_backbone(module)
     _, blocks = find_block_list(backbone)
     for block in blocks:
@@ -125,14 +126,32 @@ def shard_backbone(
     return module
 
 
-def _check_shardable(module: nn.Module) -> None:
-    """Reject parameters FSDP2 cannot shard, before any is touched."""
-    for name, param in module.named_parameters():
-        if getattr(param, "quant_state", None) is not None:
-            raise NotImplementedError(
-                f"{name} is a bitsandbytes 4-bit weight; FSDP2 turns it into a plain sharded tensor and loses "
-                "its quantization state. See docs/scaling.md for QLoRA under sharding."
-            )
+def _quantize_first(module: nn.Module) -> None:
+    """Quantize the frozen base now if the run uses ``FourBitPrecision`` (QLoRA).
+
+    FSDP2 turns each parameter into a ``DTensor`` shard; the 4-bit codes shard like any
+    tensor, while their scales stay on the layer (bitsandbytes keeps a copy there). So the
+    base is quantized first, on the run's device, and sharded after; the plugin's own
+    ``convert_module`` later finds nothing left to quantize.
+    """
+    plugins = sys.modules.get("lightning_peft.plugins")  # not imported: no 4-bit plugin in use
+    trainer = getattr(module, "_trainer", None)
+    if plugins is None or trainer is None:
+        return
+    plugin = trainer.precision_plugin
+    if isinstance(plugin, plugins.FourBitPrecision):
+        plugin.quantize_before_sharding(module)
+
+
+def dense_sharded_4bit(layer: nn.Module) -> torch.Tensor:
+    """The dequantized ``(out, in)`` weight of a 4-bit layer whose codes FSDP2 sharded.
+
+    Gathers this one layer's codes (a collective: call it on every rank).
+    """
+    from .quantization import _dequantize_state
+
+    codes = layer.weight.full_tensor().detach()  # (packed, 1)
+    return _dequantize_state(codes, layer.quant_state)  # (out, in)
 
 
 def _containers_of_plain_parameters(module: nn.Module, backbone: nn.Module) -> list[nn.Module]:

@@ -80,6 +80,14 @@ def _logical(module: nn.Module, attr: str, param: torch.Tensor) -> tuple[tuple[i
     returns one (4-bit weights are dequantized one layer at a time, only when sampled).
     """
     state = getattr(param, "quant_state", None)
+    if state is None and attr == "weight" and hasattr(param, "device_mesh"):
+        # 4-bit codes sharded by FSDP2: the quantization state stays on the layer
+        state = getattr(module, "quant_state", None)
+        if state is not None:
+            from .distributed import dense_sharded_4bit
+
+            shape = tuple(int(s) for s in state.shape)
+            return shape, _dtype_name(state.dtype), lambda: dense_sharded_4bit(module), True
     if state is not None and attr == "weight":
         from .quantization import dense_weight
 

@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from .methods.base import trainable_named_parameters
-from .quantization import QuantSpec, is_quantized, quantize_model
+from .quantization import QuantSpec, is_quantized, quantizable_modules, quantize_model
 from .streaming import load_quantized, quantize_on_init
 
 _UNSUPPORTED_STRATEGIES = {
@@ -35,8 +35,9 @@ _UNSUPPORTED_STRATEGIES = {
     "their quantization state outside the tensor and cannot be partitioned that way",
     "FSDPStrategy": "FSDP flattens and shards parameters; bitsandbytes' 4-bit parameters keep their scales "
     "outside the tensor, which FSDP does not shard or gather (support via quant_storage is planned)",
-    "ModelParallelStrategy": "FSDP2/tensor parallelism shard parameters as DTensors; 4-bit parameters and "
-    "their scales are not DTensor-aware yet (support via quant_storage is planned)",
+    "ModelParallelStrategy": "FSDP2 shards parameters as DTensors, which drops the 4-bit scales a parameter "
+    "carries; the base must be quantized before it is sharded (lightning_peft's modules and "
+    "lightning_peft.distributed.shard_backbone do that in configure_model)",
     "XLAStrategy": "bitsandbytes has no XLA kernels",
     "SingleDeviceXLAStrategy": "bitsandbytes has no XLA kernels",
 }
@@ -116,7 +117,8 @@ class FourBitPrecision(Precision):
         trainer = getattr(module, "_trainer", None) if isinstance(module, L.LightningModule) else None
         device = None
         if trainer is not None:
-            check_strategy(trainer.strategy)
+            pending = quantizable_modules(module, self.skip_modules, skip_heads=not self.quantize_heads)
+            check_strategy(trainer.strategy, pending, sharding_next=getattr(self, "_sharding_next", False))
             device = trainer.strategy.root_device
         first = next(module.parameters(), None)
         if device is None and first is not None:
@@ -139,6 +141,18 @@ class FourBitPrecision(Precision):
                 "does) or check skip_modules."
             )
         return module
+
+    def quantize_before_sharding(self, module: nn.Module) -> nn.Module:
+        """:meth:`convert_module` ahead of FSDP2 sharding under ``ModelParallelStrategy``.
+
+        The 4-bit codes are then sharded like any tensor while their scales stay on each
+        layer; :func:`lightning_peft.distributed.shard_backbone` calls this first.
+        """
+        self._sharding_next = True
+        try:
+            return self.convert_module(module)
+        finally:
+            self._sharding_next = False
 
     @contextlib.contextmanager
     def _building(self) -> Any:
@@ -205,13 +219,29 @@ class FourBitPrecision(Precision):
             )
 
 
-def check_strategy(strategy: Any) -> None:
+def check_strategy(
+    strategy: Any, pending: list[tuple[str, nn.Module]] | None = None, *, sharding_next: bool = False
+) -> None:
     """Raise ``RuntimeError`` if ``strategy`` cannot train over 4-bit parameters.
 
     Single-device and DDP strategies work (quantization is deterministic, so every rank
-    holds the same base); sharding strategies do not yet.
+    holds the same base). ``ModelParallelStrategy`` (FSDP2) works when the base is
+    quantized right before it is sharded (``sharding_next``, see
+    :meth:`FourBitPrecision.quantize_before_sharding`), or was already (``pending``, the
+    layers still to quantize, is empty). Other sharding strategies do not.
     """
     for cls in type(strategy).__mro__:
+        if cls.__name__ == "ModelParallelStrategy" and pending is not None:
+            sharded = [name for name, layer in pending if hasattr(layer.weight, "device_mesh")]
+            if sharded:
+                raise RuntimeError(
+                    f"FourBitPrecision: {sharded[0]} (and {len(sharded) - 1} more layer(s)) was sharded before it "
+                    "was quantized. Quantize first, then shard: call lightning_peft.distributed.shard_backbone("
+                    "self, self.device_mesh) in configure_model (lightning_peft's own modules do), or "
+                    "trainer.precision_plugin.quantize_before_sharding(self) before fully_shard."
+                )
+            if sharding_next or not pending:
+                return
         reason = _UNSUPPORTED_STRATEGIES.get(cls.__name__)
         if reason is not None:
             raise RuntimeError(

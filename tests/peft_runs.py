@@ -12,6 +12,8 @@ callback still takes part in the run (strategy checks, delta checkpoints).
 
 from __future__ import annotations
 
+import functools
+
 import lightning as L
 import torch
 
@@ -123,10 +125,19 @@ def trained(module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in gather_trainable(module, full=True).items()}
 
 
-def reference(name: str, steps: int = STEPS, **module_kw) -> dict[str, torch.Tensor]:
-    """The single-process run of method ``name`` on global batches."""
+def four_bit():
+    """The QLoRA precision plugin, computing in fp32 so runs compare tightly."""
+    from lightning_peft.plugins import FourBitPrecision
+
+    return FourBitPrecision("nf4", compute_dtype=torch.float32)
+
+
+@functools.cache
+def reference(name: str, steps: int = STEPS, qlora: bool = False, **module_kw) -> dict[str, torch.Tensor]:
+    """The single-process run of method ``name`` on global batches (cached: do not modify)."""
     module, callback = build(name, **module_kw)
-    trainer(steps, callbacks=[callback]).fit(module, datamodule=loader(GLOBAL_BATCH))
+    plugins = [four_bit()] if qlora else None
+    trainer(steps, callbacks=[callback], plugins=plugins).fit(module, datamodule=loader(GLOBAL_BATCH))
     return trained(module)
 
 
@@ -154,3 +165,24 @@ def trained_any(trainer, module) -> dict[str, torch.Tensor]:
         with deepspeed.zero.GatheredParameters(params):
             return trained(module)
     return trained(module)
+
+
+def section(result: dict, prefix: str) -> dict[str, torch.Tensor]:
+    """The entries ``prefix/<name>`` of a saved result, keyed by ``<name>``."""
+    return {k.split("/", 1)[1]: v for k, v in result.items() if k.startswith(prefix + "/")}
+
+
+# The attention key bias adds the same q.b to every score of a query, which softmax ignores:
+# its true gradient is 0, so AdamW (eps 1e-8) turns float noise of ~1e-10 into steps of up to
+# lr. Its value depends on summation order and is not comparable across process counts.
+NOISE_ONLY = ".attention.self.key.bias"
+
+
+def assert_close(got: dict, want: dict, what: str, atol: float = 1e-5) -> None:
+    """Same keys, and every tensor within ``atol`` (noise-only tensors skipped unless ``atol`` is 0)."""
+    assert got.keys() == want.keys(), f"{what}: keys differ"
+    for key in want:
+        if key.endswith(NOISE_ONLY) and atol > 0:
+            continue
+        diff = (got[key].float() - want[key].float()).abs().max().item()
+        assert diff <= atol, f"{what}: {key} differs by {diff:.2e}"

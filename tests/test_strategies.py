@@ -9,12 +9,11 @@ single-process run on the same global batches.
 
 from __future__ import annotations
 
-import functools
-
 import peft_runs
 import pytest
 import torch
 from distributed import run_script
+from peft_runs import assert_close, section
 
 DDP_SCRIPT = """
 import os
@@ -49,30 +48,6 @@ torch.save(out, f"rank{t.global_rank}.pt")
 """
 
 
-@functools.cache
-def reference(name: str, **module_kw) -> dict[str, torch.Tensor]:
-    return peft_runs.reference(name, **module_kw)
-
-
-def section(result: dict, prefix: str) -> dict[str, torch.Tensor]:
-    return {k.split("/", 1)[1]: v for k, v in result.items() if k.startswith(prefix + "/")}
-
-
-# The attention key bias adds the same q.b to every score of a query, which softmax ignores:
-# its true gradient is 0, so AdamW (eps 1e-8) turns float noise of ~1e-10 into steps of up to
-# lr. Its value depends on summation order and is not comparable across process counts.
-NOISE_ONLY = ".attention.self.key.bias"
-
-
-def assert_close(got: dict, want: dict, what: str, atol: float = 1e-5) -> None:
-    assert got.keys() == want.keys(), f"{what}: keys differ"
-    for key in want:
-        if key.endswith(NOISE_ONLY) and atol > 0:
-            continue
-        diff = (got[key].float() - want[key].float()).abs().max().item()
-        assert diff <= atol, f"{what}: {key} differs by {diff:.2e}"
-
-
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
@@ -93,7 +68,7 @@ def test_ddp_ranks_end_identical(ddp):
 @pytest.mark.parametrize("name", list(peft_runs.METHODS))
 def test_ddp_matches_single_process_on_the_same_global_batch(ddp, name):
     (r0, _), _ = ddp
-    got, want, start = section(r0, name), reference(name), peft_runs.initial(name)
+    got, want, start = section(r0, name), peft_runs.reference(name), peft_runs.initial(name)
     assert_close(got, want, name)
     assert all(not torch.equal(want[k], start[k]) for k in want), "every trainable tensor should move"
 
@@ -101,7 +76,7 @@ def test_ddp_matches_single_process_on_the_same_global_batch(ddp, name):
 @pytest.mark.slow
 def test_ddp_gradient_checkpointing_changes_nothing(ddp):
     (r0, _), _ = ddp
-    assert_close(section(r0, "gc"), reference("lora"), "gradient checkpointing")
+    assert_close(section(r0, "gc"), peft_runs.reference("lora"), "gradient checkpointing")
 
 
 @pytest.mark.slow
@@ -194,7 +169,7 @@ def assert_gpu_run_matches(ranks, tmp_path):
     for name in ("lora", "adapter", "prefix"):
         got0, got1 = section(r0, name), section(r1, name)
         assert_close(got0, got1, f"{name}: rank 1", atol=0.0)
-        assert_close(got0, reference(name), f"{name} vs one CPU process", atol=1e-4)
+        assert_close(got0, peft_runs.reference(name), f"{name} vs one CPU process", atol=1e-4)
         checkpoint_path = tmp_path / f"{name}.ckpt"
         assert checkpoint_path.exists()
 
