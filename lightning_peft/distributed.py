@@ -5,16 +5,21 @@
   shards each parameter on its own, so frozen base weights and trainable method weights can
   share one block: frozen ones are only all-gathered, trainable ones also get their
   gradients reduce-scattered. Our LightningModules call it from ``configure_model`` when
-  Lightning's ``ModelParallelStrategy`` provides a device mesh.
-* :func:`trainable_state_dict` / :func:`load_trainable_state_dict` read and write only the
-  declared-trainable tensors of a sharded (or plain) model, so a delta checkpoint never
-  materializes the frozen model on one rank.
-* :func:`check_strategy` rejects configurations that cannot train a frozen-backbone model
-  correctly, with a message that says what to change; :func:`fsdp_strategy` and
-  :func:`deepspeed_strategy` build Lightning's CUDA-only sharded strategies with the
-  settings a parameter-efficient run needs.
+  Lightning's ``ModelParallelStrategy`` provides a device mesh. With the 4-bit plugin the
+  base is quantized first, so QLoRA shards its 4-bit codes.
+* :func:`gather_trainable` / :func:`load_trainable` read and write only the delta tensors
+  of a sharded (or plain) model, and :func:`sample_sharded` reads a few values of a sharded
+  tensor for the base fingerprint, so a delta checkpoint never materializes the frozen
+  model on one rank. :func:`consolidate_checkpoint` turns a sharded checkpoint folder into
+  one file that loads in a single process.
+* :func:`prepare_strategy` (run by every method callback) adjusts the strategy:
+  delta-aware checkpoint saving and loading for ``ModelParallelStrategy``
+  (:func:`install_delta_checkpointing`), ``use_orig_params`` and a per-block wrap policy for
+  ``FSDPStrategy`` (:func:`configure_fsdp`), frozen weights left out of DeepSpeed
+  checkpoints (:func:`configure_deepspeed`). :func:`fsdp_strategy` and
+  :func:`deepspeed_strategy` build those CUDA-only strategies with these settings.
 
-Nothing here imports Lightning at module level except for type names used in checks.
+Lightning is imported inside the functions that need it.
 """
 
 from __future__ import annotations
@@ -85,8 +90,10 @@ def shard_backbone(
     Call it after the fine-tuning method was applied (so its new modules are sharded with
     the blocks they live in). Frozen and trainable parameters may share a block: FSDP2
     shards every parameter along dim 0 and keeps ``requires_grad``; the trainability
-    declarations live on modules and survive the parameter swap. Calling it again on a
-    sharded module does nothing.
+    declarations live on modules and survive the parameter swap. If the run uses
+    :class:`~lightning_peft.plugins.FourBitPrecision` (QLoRA), the base is quantized first
+    and its 4-bit codes are sharded like any other tensor. Calling it again on a sharded
+    module does nothing.
 
     Args:
         module: A LightningModule or any ``nn.Module`` holding a Hugging Face backbone.
