@@ -518,14 +518,27 @@ def fsdp_strategy(**kwargs: Any) -> Any:
 def configure_deepspeed(strategy: Any, pl_module: Any) -> None:
     """Adjust a Lightning ``DeepSpeedStrategy`` (CUDA only) for delta checkpoints.
 
-    DeepSpeed writes checkpoints itself. ``exclude_frozen_parameters=True`` makes it leave
-    the frozen base out, and the module loads non-strictly since the base is not in the
-    checkpoint; DeepSpeed does not report which keys it loaded, so the key-set check of our
-    own checkpoints does not run here.
+    DeepSpeed writes and reads checkpoints itself. ``exclude_frozen_parameters=True`` makes
+    it leave the frozen base out, and the module loads non-strictly since the base is not in
+    the checkpoint. DeepSpeed restores the weights before Lightning's hooks run and does not
+    report which keys it loaded, so the delta metadata is dropped from what it returns: the
+    key-set and fingerprint checks of :mod:`lightning_peft.checkpointing` do not run here.
     """
     strategy.exclude_frozen_parameters = True
     if hasattr(pl_module, "strict_loading"):
         pl_module.strict_loading = False
+    if not getattr(strategy, "_lp_delta_checkpointing", False):
+        strategy.load_checkpoint = functools.partial(_deepspeed_load, strategy.load_checkpoint)
+        strategy._lp_delta_checkpointing = True
+
+
+def _deepspeed_load(original: Any, checkpoint_path: Any, weights_only: bool | None = None) -> Any:
+    from .checkpointing import META_KEY
+
+    client_state = original(checkpoint_path, weights_only)
+    if isinstance(client_state, dict):
+        client_state.pop(META_KEY, None)  # weights already loaded by DeepSpeed (see configure_deepspeed)
+    return client_state
 
 
 def deepspeed_strategy(stage: int = 2, **kwargs: Any) -> Any:

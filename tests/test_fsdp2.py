@@ -224,3 +224,45 @@ def test_load_trainable_checks_keys_and_shapes():
         load_trainable(module, {k: v for k, v in state.items() if k != first})
     with pytest.raises(ValueError, match="shape"):
         load_trainable(module, {**state, first: torch.ones(1)})
+
+
+# --------------------------------------------------------------------------- CUDA only
+CUDA_SCRIPT = """
+import lightning as L
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+import peft_runs as p
+
+out = {}
+for kind, plugins, epochs, ckpt, seed in (
+    ("lora", None, 2, None, 1),
+    ("qlora", [p.four_bit()], 2, None, 1),
+    ("qlora_half", [p.four_bit()], 1, None, 1),
+    ("qlora_resume", [p.four_bit()], 2, "half.ckpt", 7),
+):
+    module, callback = p.build("lora", method_seed=seed)
+    t = L.Trainer(
+        accelerator="cuda", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        max_epochs=epochs, callbacks=[callback], plugins=plugins, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    t.fit(module, datamodule=p.loader(p.GLOBAL_BATCH // 2), ckpt_path=ckpt)
+    if kind == "qlora_half":
+        t.save_checkpoint("half.ckpt")
+    out.update({f"{kind}/{k}": v for k, v in p.trained(module).items()})
+torch.save(out, f"rank{t.global_rank}.pt")
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices"
+)
+def test_fsdp2_and_qlora_on_cuda_match_one_cpu_process(tmp_path):
+    r0, r1 = run_script(CUDA_SCRIPT, tmp_path)
+    for key in r0:
+        assert torch.equal(r0[key], r1[key]), f"ranks differ on {key}"
+    assert_close(section(r0, "lora"), peft_runs.reference("lora"), "FSDP2 on CUDA", atol=1e-4)
+    assert_close(section(r0, "qlora"), peft_runs.reference("lora", qlora=True), "QLoRA on CUDA", atol=1e-3)
+    assert_close(section(r0, "qlora_resume"), section(r0, "qlora"), "QLoRA resumed on CUDA")

@@ -9,6 +9,8 @@ single-process run on the same global batches.
 
 from __future__ import annotations
 
+import types
+
 import peft_runs
 import pytest
 import torch
@@ -117,11 +119,24 @@ def test_fsdp1_is_configured_for_mixed_frozen_and_trainable_parameters():
     assert not isinstance(kept.kwargs["auto_wrap_policy"], BlockWrapPolicy), "a user's policy is kept"
 
 
-def test_deepspeed_helper_checks_the_stage():
-    from lightning_peft.distributed import deepspeed_strategy
+def test_deepspeed_helper_checks_the_stage_and_adjusts_the_strategy():
+    from lightning_peft.checkpointing import META_KEY
+    from lightning_peft.distributed import configure_deepspeed, deepspeed_strategy
 
     with pytest.raises(ValueError, match="stage must be 2 or 3"):
         deepspeed_strategy(stage=1)
+    # DeepSpeed itself is not installed here: a stand-in with the attributes the helper sets
+    strategy = types.SimpleNamespace(
+        exclude_frozen_parameters=False,
+        load_checkpoint=lambda path, weights_only=None: {META_KEY: {}, "epoch": 1},
+    )
+    module, _ = peft_runs.build("lora")
+    configure_deepspeed(strategy, module)
+    configure_deepspeed(strategy, module)  # idempotent
+    assert strategy.exclude_frozen_parameters is True and module.strict_loading is False
+    assert strategy.load_checkpoint("x") == {"epoch": 1}, (
+        "DeepSpeed loaded the weights; nothing left to verify"
+    )
 
 
 def test_shard_backbone_rejects_tensor_parallel_meshes():
