@@ -294,7 +294,7 @@ def prepare_strategy(trainer: Any, pl_module: nn.Module) -> None:
     * ``ModelParallelStrategy`` (FSDP2): checkpoints hold only the delta tensors, sharded
       (``torch.distributed.checkpoint`` folder) or gathered (one file), and resume from them
       (see :func:`install_delta_checkpointing`).
-    * ``FSDPStrategy`` (FSDP1, CUDA): see :func:`configure_fsdp`.
+    * ``FSDPStrategy`` (FSDP1, CUDA): see :func:`configure_fsdp` (trains; no delta checkpoints).
     * ``DeepSpeedStrategy`` (CUDA): see :func:`configure_deepspeed`.
     * DDP and single-device strategies need nothing: methods are applied before wrapping,
       and every trainable parameter of every method takes part in each step, so the
@@ -308,7 +308,7 @@ def prepare_strategy(trainer: Any, pl_module: nn.Module) -> None:
     if isinstance(strategy, ModelParallelStrategy):
         install_delta_checkpointing(strategy)
     elif isinstance(strategy, FSDPStrategy):
-        configure_fsdp(strategy, pl_module)
+        configure_fsdp(strategy, pl_module, trainer)
     elif isinstance(strategy, DeepSpeedStrategy):
         configure_deepspeed(strategy, pl_module)
     setattr(strategy, _PREPARED, True)
@@ -472,34 +472,49 @@ class BlockWrapPolicy:
         return isinstance(module, self._types)
 
 
-def configure_fsdp(strategy: Any, pl_module: nn.Module) -> None:
+FSDP1_CHECKPOINTS = (
+    "delta checkpoints are not supported under FSDPStrategy (FSDP1): it gathers the state dict on rank 0 "
+    "only and flattens the frozen weights the base fingerprint reads. Train with enable_checkpointing=False, "
+    "or use ModelParallelStrategy(data_parallel_size=<GPUs>, tensor_parallel_size=1) (FSDP2), whose sharded "
+    "delta checkpoints save and resume"
+)
+
+
+def configure_fsdp(strategy: Any, pl_module: nn.Module, trainer: Any = None) -> None:
     """Adjust a Lightning ``FSDPStrategy`` (FSDP1) for frozen and trainable parameters.
 
     FSDP1 flattens the parameters of each wrapped unit into one tensor; frozen and
     trainable parameters can share a unit only with ``use_orig_params=True``. Without an
     auto-wrap policy the whole model would be one unit (no memory saved), so each
     transformer block becomes one (:class:`BlockWrapPolicy`). A policy the user set is kept.
+    Checkpoints are refused up front (see :data:`FSDP1_CHECKPOINTS`).
 
     Raises:
-        ValueError: If ``use_orig_params=False`` was asked for.
+        ValueError: If ``use_orig_params=False`` was asked for, or ``trainer`` would write
+            checkpoints.
     """
     if strategy.kwargs.get("use_orig_params") is False:
         raise ValueError(
             "FSDPStrategy(use_orig_params=False) cannot hold frozen and trainable parameters in one FSDP "
             "unit; remove use_orig_params=False, or use ModelParallelStrategy (FSDP2)"
         )
+    if trainer is not None and getattr(trainer, "checkpoint_callbacks", None):
+        raise ValueError(FSDP1_CHECKPOINTS)
     strategy.kwargs["use_orig_params"] = True
     strategy.kwargs.setdefault("auto_wrap_policy", BlockWrapPolicy(pl_module))
+    strategy.lightning_module_state_dict = _refuse_fsdp1_checkpoint
+
+
+def _refuse_fsdp1_checkpoint() -> dict[str, Any]:
+    raise NotImplementedError(FSDP1_CHECKPOINTS)
 
 
 def fsdp_strategy(**kwargs: Any) -> Any:
     """A Lightning ``FSDPStrategy`` (CUDA only) set up for parameter-efficient fine-tuning.
 
     ``use_orig_params=True`` and, unless given, the :class:`BlockWrapPolicy` of the model are
-    filled in when the run is set up (see :func:`configure_fsdp`). Checkpoints use
-    ``state_dict_type="full"``: Lightning gathers the full state dict on rank 0 and the
-    delta hook keeps only the trained tensors. For sharded delta checkpoints that never
-    gather the frozen model, use ``ModelParallelStrategy`` (FSDP2).
+    filled in when the run is set up (see :func:`configure_fsdp`). For delta checkpoints
+    use ``ModelParallelStrategy`` (FSDP2) instead.
 
     Args:
         **kwargs: Anything ``FSDPStrategy`` accepts (``sharding_strategy``,
@@ -511,7 +526,6 @@ def fsdp_strategy(**kwargs: Any) -> Any:
         raise ValueError(
             "fsdp_strategy needs use_orig_params=True (frozen and trainable parameters share units)"
         )
-    kwargs.setdefault("state_dict_type", "full")
     return FSDPStrategy(**kwargs)
 
 
