@@ -15,6 +15,8 @@ _LAZY = {
     "unmerge": "merging",
     "export_merged": "merging",
     "save_delta": "delta",
+    "TextClassificationData": "data",
+    "InstructionData": "data",
     "load_delta": "delta",
     "export_peft": "delta",
     "import_peft": "delta",

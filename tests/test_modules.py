@@ -43,6 +43,7 @@ def _minilm_batches(path: str, n: int = 4):
 
 def test_minilm_head_only_trains_exactly_the_head(minilm_path):
     module = SequenceClassifier(minilm_path, num_labels=2, lr=5e-2)
+    assert module.backbone.training, "a loaded backbone must train with dropout like any new module"
     assert all(not p.requires_grad for n, p in module.named_parameters() if "classifier" not in n)
     before = {k: v.clone() for k, v in module.state_dict().items()}
     trainer = _trainer(4)
