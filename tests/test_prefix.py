@@ -517,3 +517,30 @@ def test_to_peft_is_none_for_encoders_and_classifiers():
     assert PrefixTuningConfig(num_virtual_tokens=P).to_peft(bert) is None
     llama_cls = PrefixTuning(num_virtual_tokens=P).apply(_llama_classifier())
     assert PrefixTuningConfig(num_virtual_tokens=P).to_peft(llama_cls) is None
+
+
+# --------------------------------------------------------------------------- recipe
+def test_minilm_recipe_loads_and_trains_two_steps(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    from lightning_peft.cli import main
+
+    recipe = Path(__file__).parents[1] / "recipes" / "minilm-sentiment" / "prefix.yaml"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.chdir(tmp_path)
+    overrides = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1"]
+    main(
+        [
+            "fit",
+            "--config",
+            str(recipe),
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            *overrides,
+        ]
+    )
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "trainable params:" in x)
+    assert "method: prefix" in line
+    assert "92,930" in line  # 6 layers x 2 x 20 tokens x 384 + the 2-class head (770)
+    assert "final validation metrics" in out
