@@ -57,7 +57,9 @@ setup(
         "lightning_peft.callbacks": "callbacks",
         "lightning_peft.recipes": "recipes",
     },
-    package_data={"lightning_peft.recipes": ["*/*.yaml", "*/data/*.jsonl", "*/data/*.csv", "*/*.md"]},
+    package_data={
+        "lightning_peft.recipes": ["*/*.yaml", "*/data/*.jsonl", "*/data/*.csv", "*/*.md", "*/tiny-*/*.json"]
+    },
     include_package_data=False,
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
