@@ -588,8 +588,9 @@ def requantization_error(model: nn.Module, batch: dict[str, torch.Tensor]) -> di
             copy_ = copy.deepcopy(backbone)
             for name in names:
                 wrapper = copy_.get_submodule(name)
-                plain = plain_layer(wrapper.base, torch.float32)
-                merged = wrapper.merged_weight(torch.float32)  # (out, in)
+                dtype = wrapper.base.weight.quant_state.dtype  # the base's original dtype
+                plain = plain_layer(wrapper.base, dtype)
+                merged = wrapper.merged_weight(torch.float32).to(dtype)  # (out, in)
                 plain.weight.data = merged.T.contiguous() if isinstance(plain, Conv1D or ()) else merged
                 new = (
                     plain

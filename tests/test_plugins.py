@@ -1,0 +1,385 @@
+"""FourBitPrecision in real Lightning runs: what gets quantized, what trains, export, resume, limits."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+
+import lightning_peft
+from lightning_peft import CausalLM
+from lightning_peft.callbacks import LoRA
+from lightning_peft.methods.base import trainable_named_parameters
+from lightning_peft.plugins import FourBitPrecision, check_strategy
+from lightning_peft.quantization import (
+    bits_per_parameter,
+    is_quantized,
+    quantization_report,
+    requantization_error,
+    state_dict_bits,
+)
+
+from conftest import random_batch, tiny_gpt2, tiny_llama
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster and immune to thread-pool contention on busy machines."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _trainer(steps: int, callbacks: list, plugin: FourBitPrecision | None = None, **kw) -> L.Trainer:
+    kw.setdefault("enable_checkpointing", any(isinstance(c, ModelCheckpoint) for c in callbacks))
+    kw.setdefault("accelerator", "cpu")
+    return L.Trainer(
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        plugins=[plugin] if plugin is not None else None,
+        **kw,
+    )
+
+
+def _loader(n: int = 4, seq: int = 16) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        [random_batch(labels="lm", seq=seq, seed=i) for i in range(n)], batch_size=None
+    )
+
+
+def _logits(model: nn.Module, seed: int = 7) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(**random_batch(seed=seed)).logits.float()
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(nn.functional.cosine_similarity(a.flatten(), b.flatten(), 0))
+
+
+def _lora_snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainable_named_parameters(module)}
+
+
+@pytest.fixture(scope="module")
+def qlora_run():
+    """Six QLoRA steps (NF4 + double quantization, bf16 compute) on a 256-wide tiny Llama."""
+    torch.manual_seed(0)
+    module = CausalLM(tiny_llama(hidden=256), lr=5e-3)
+    before = None
+
+    class Snapshot(Callback):
+        def on_train_start(self, trainer, pl_module):
+            nonlocal before
+            before = _lora_snapshot(pl_module)
+
+    plugin = FourBitPrecision()
+    trainer = _trainer(6, [LoRA(r=4, alpha=8), Snapshot()], plugin)
+    trainer.fit(module, _loader())
+    return module, trainer, plugin, before
+
+
+# --------------------------------------------------------------------------- what a run holds
+def test_qlora_fit_holds_four_bit_base_and_fp32_trained_lora(qlora_run):
+    module, trainer, plugin, before = qlora_run
+    backbone = module.backbone
+    wrapped = [m for m in backbone.modules() if hasattr(m, "lora_a")]
+    assert len(wrapped) == 14  # every linear of 2 Llama blocks
+    assert all(is_quantized(m.base) for m in wrapped)
+    assert len(plugin.quantized_modules) == 14 and all(n.endswith(".base") for n in plugin.quantized_modules)
+    # the head stays a full-precision nn.Linear
+    assert type(backbone.lm_head) is nn.Linear and backbone.lm_head.weight.dtype == torch.float32
+    # at most 4.13 bits per quantized weight, and the state dict is that plus the rest
+    report = quantization_report(module)
+    assert bits_per_parameter(module) <= 4.13
+    assert state_dict_bits(module) <= 1.03 * (4.13 * report["quantized_weights"] + report["other_bits"])
+    # LoRA parameters: floating point, fp32, trainable, in the optimizer, and trained
+    trained = dict(trainable_named_parameters(module))
+    assert trained and all(".lora_" in n for n in trained)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in trained.values())
+    in_optimizer = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert in_optimizer == {id(p) for p in trained.values()}
+    changed = [n for n, p in trained.items() if not torch.equal(p, before[n])]
+    assert len(changed) == len(trained)
+    assert not any(p.requires_grad for n, p in module.named_parameters() if n not in trained)
+
+
+def test_fp4_without_double_quant_holds_at_most_4_5_bits():
+    module = CausalLM(tiny_llama(hidden=256), lr=1e-3)
+    _trainer(1, [LoRA(r=4)], FourBitPrecision("fp4", double_quant=False)).fit(module, _loader(1))
+    assert 4.4 < bits_per_parameter(module) <= 4.5
+    layer = next(m for m in module.modules() if is_quantized(m))
+    assert layer.weight.quant_type == "fp4" and not layer.weight.compress_statistics
+
+
+@pytest.mark.parametrize("width", [32, 64])
+def test_narrow_models_quantize_and_train(width):
+    module = CausalLM(tiny_llama(hidden=width, heads=2, kv_heads=1), lr=1e-2)
+    before = _lora_snapshot(LoRA(r=2).apply(module))
+    _trainer(2, [LoRA(r=2)], FourBitPrecision()).fit(module, _loader(2))
+    assert sum(is_quantized(m) for m in module.modules()) == 14
+    after = _lora_snapshot(module)
+    assert any(not torch.equal(after[n], before[n]) for n in before)
+
+
+def test_four_bit_model_logits_stay_close_to_full_precision():
+    model = tiny_llama(hidden=256)
+    reference = _logits(model)
+    module = CausalLM(model)
+    LoRA(r=4).apply(module)  # lora_b starts at zero: same function as the base
+    FourBitPrecision().convert_module(module)
+    assert _cos(_logits(module), reference) > 0.9
+
+
+# --------------------------------------------------------------------------- any method
+@pytest.mark.parametrize(
+    "callback",
+    [
+        pytest.param(lambda: LoRA(r=4, use_dora=True), id="dora"),
+        pytest.param(lambda: lightning_peft.callbacks.Adapter(bottleneck=8), id="adapter"),
+        pytest.param(lambda: lightning_peft.callbacks.PrefixTuning(num_virtual_tokens=4), id="prefix"),
+        pytest.param(lambda: lightning_peft.callbacks.PromptTuning(num_virtual_tokens=4), id="prompt"),
+    ],
+)
+def test_other_methods_train_over_a_four_bit_base(callback):
+    module = CausalLM(tiny_llama(), lr=1e-2)
+    method = callback()
+    method.apply(module)
+    before = _lora_snapshot(module)
+    _trainer(2, [method], FourBitPrecision()).fit(module, _loader(2))
+    trained = dict(trainable_named_parameters(module))
+    assert trained.keys() == before.keys()
+    assert all(p.dtype == torch.float32 and not is_quantized_param(p) for p in trained.values())
+    assert any(not torch.equal(p, before[n]) for n, p in trained.items())
+    assert sum(is_quantized(m) for m in module.modules()) >= 7
+    ids_trained = {id(p) for p in trained.values()}
+    for m in module.modules():  # no module holding a trained parameter was quantized
+        if is_quantized(m):
+            assert not any(id(p) in ids_trained for p in m.parameters())
+
+
+def is_quantized_param(p: torch.Tensor) -> bool:
+    return getattr(p, "quant_state", None) is not None
+
+
+def test_trainable_bf16_parameters_are_upcast_to_fp32():
+    module = CausalLM(tiny_llama().to(torch.bfloat16))
+    LoRA(r=4).apply(module)
+    assert {p.dtype for _, p in trainable_named_parameters(module)} == {torch.bfloat16}
+    FourBitPrecision().convert_module(module)
+    assert {p.dtype for _, p in trainable_named_parameters(module)} == {torch.float32}
+    assert module.backbone.model.embed_tokens.weight.dtype == torch.bfloat16  # frozen rest untouched
+    with FourBitPrecision().forward_context():
+        assert module(**random_batch(labels="lm")).loss.isfinite()
+
+
+# --------------------------------------------------------------------------- gradient checkpointing
+def test_gradient_checkpointing_over_four_bit_base_reaches_lora():
+    module = CausalLM(tiny_llama(hidden=64), gradient_checkpointing=True)
+    grads: dict[str, float] = {}
+
+    class Grads(Callback):
+        def on_after_backward(self, trainer, pl_module):
+            for n, p in trainable_named_parameters(pl_module):
+                grads[n] = 0.0 if p.grad is None else float(p.grad.abs().sum())
+
+    _trainer(1, [LoRA(r=4), Grads()], FourBitPrecision()).fit(module, _loader(1))
+    assert module.backbone.is_gradient_checkpointing
+    assert sum(is_quantized(m) for m in module.modules()) == 14
+    lora_a = {n: g for n, g in grads.items() if n.endswith("lora_a")}
+    lora_b = {n: g for n, g in grads.items() if n.endswith("lora_b")}
+    assert len(lora_b) == 14 and all(g > 0 for g in lora_b.values())
+    assert len(lora_a) == 14  # lora_b starts at zero, so lora_a's first gradient is zero by design
+
+
+# --------------------------------------------------------------------------- building under the plugin
+class BuildsInConfigureModel(CausalLM):
+    """A module whose backbone is created inside ``configure_model`` (so under the plugin's context)."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Linear(1, 1))  # placeholder backbone, replaced in configure_model
+        del self.backbone
+
+    def configure_model(self) -> None:
+        if hasattr(self, "backbone"):
+            return
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+        self.backbone = LlamaForCausalLM(cfg)
+        seen["quantized_while_building"] = sum(is_quantized(m) for m in self.backbone.modules())
+        self.backbone.requires_grad_(False)
+
+
+seen: dict[str, int] = {}
+
+
+def test_model_built_in_configure_model_is_quantized_while_built():
+    module = BuildsInConfigureModel()
+    _trainer(2, [LoRA(r=4)], FourBitPrecision()).fit(module, _loader(2))
+    assert seen["quantized_while_building"] == 14  # layer by layer, before convert_module ran
+    wrapped = [m for m in module.backbone.modules() if hasattr(m, "lora_a")]
+    assert len(wrapped) == 14 and all(is_quantized(m.base) for m in wrapped)
+    assert not is_quantized(module.backbone.lm_head)
+
+
+def test_trainer_init_module_quantizes_while_building():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    plugin = FourBitPrecision()
+    trainer = _trainer(1, [], plugin)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    with trainer.init_module():
+        model = LlamaForCausalLM(cfg)
+    assert sum(is_quantized(m) for m in model.modules()) == 7 and not is_quantized(model.lm_head)
+
+
+def test_load_through_the_plugin_then_train(tmp_path):
+    tiny_llama(hidden=64).save_pretrained(tmp_path)
+    plugin = FourBitPrecision()
+    module = CausalLM(plugin.load(str(tmp_path)), lr=1e-2)
+    assert sum(is_quantized(m) for m in module.modules()) == 14
+    LoRA(r=4).apply(module)
+    _trainer(1, [LoRA(r=4)], plugin).fit(module, _loader(1))
+    assert {p.dtype for _, p in trainable_named_parameters(module)} == {torch.float32}
+
+
+# --------------------------------------------------------------------------- merge and export
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_export_merged_over_four_bit_base_loads_in_bare_transformers(tmp_path, factory):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    module = CausalLM(factory(), lr=2e-2)
+    _trainer(3, [LoRA(r=4)], FourBitPrecision()).fit(module, _loader())
+    trained = _logits(module)
+    with pytest.raises(ValueError, match="quantized"):
+        lightning_peft.merge(module)  # folding into 4-bit codes would lose the update
+    lightning_peft.export_merged(module, tmp_path, dtype=torch.bfloat16)
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert not any("lora" in k or "absmax" in k or "quant" in k for k in tensors)
+    assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.bfloat16}
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert _cos(_logits(plain), trained) > 0.98
+    errors = requantization_error(module, random_batch(seed=7))
+    assert errors["cosine_merged"] > 0.98 and errors["layers"] > 0
+
+
+# --------------------------------------------------------------------------- checkpoints and resume
+def test_delta_checkpoint_over_four_bit_base_resumes(tmp_path):
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=2, save_top_k=-1)
+    straight = CausalLM(tiny_llama(), lr=1e-2)
+    _trainer(4, [LoRA(r=4), saver], FourBitPrecision()).fit(straight, _loader(2))  # 2 epochs of 2 steps
+    ckpt = torch.load(tmp_path / "step=2.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["state_dict"] and all(".lora_" in k for k in ckpt["state_dict"])  # deltas only
+    resumed = CausalLM(tiny_llama(), lr=1e-2)
+    trainer = _trainer(4, [LoRA(r=4)], FourBitPrecision())
+    trainer.fit(resumed, _loader(2), ckpt_path=tmp_path / "step=2.ckpt")
+    assert trainer.global_step == 4
+    for (n, a), (m, b) in zip(trainable_named_parameters(straight), trainable_named_parameters(resumed)):
+        assert n == m and torch.allclose(a, b, atol=1e-6), n
+    straight_state, resumed_state = straight.state_dict(), resumed.state_dict()
+    assert straight_state.keys() == resumed_state.keys()
+    for name, tensor in straight_state.items():
+        assert torch.equal(tensor, resumed_state[name]), name  # the base re-quantized bit for bit
+
+
+# --------------------------------------------------------------------------- settings and strategies
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"quant_type": "nf5"}, "quant_type"),
+        ({"compute_dtype": torch.int32}, "compute_dtype"),
+        ({"compute_dtype": "int8"}, "compute_dtype"),
+        ({"blocksize": 100}, "blocksize"),
+        ({"double_quant": 1}, "double_quant"),
+        ({"skip_modules": [""]}, "skip_modules"),
+        ({"skip_modules": [3]}, "skip_modules"),
+        ({"quantize_heads": "no"}, "quantize_heads"),
+    ],
+)
+def test_invalid_plugin_settings_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FourBitPrecision(**kwargs)
+
+
+def test_plugin_is_accepted_by_the_trainer_and_skips_named_modules():
+    plugin = FourBitPrecision("nf4", compute_dtype="bfloat16", skip_modules="down_proj")
+    trainer = _trainer(1, [LoRA(r=4)], plugin)
+    assert trainer.precision_plugin is plugin
+    module = CausalLM(tiny_llama())
+    trainer.fit(module, _loader(1))
+    assert not any(n.endswith("down_proj.base") for n in plugin.quantized_modules)
+    assert sum(is_quantized(m) for m in module.modules()) == 12
+
+
+@pytest.mark.parametrize("name", ["FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy"])
+def test_sharding_strategies_are_refused_in_convert_module(name):
+    import lightning.pytorch.strategies as strategies
+
+    cls = getattr(strategies, name)
+    strategy = cls.__new__(cls)  # DeepSpeed is not installed here; only the type matters
+    with pytest.raises(RuntimeError, match=f"does not support {name}.*ddp"):
+        check_strategy(strategy)
+    module = CausalLM(tiny_llama())
+    LoRA(r=4).apply(module)
+    module._trainer = SimpleNamespace(strategy=strategy)  # what strategy.setup hands to convert_module
+    with pytest.raises(RuntimeError, match=f"does not support {name}"):
+        FourBitPrecision().convert_module(module)
+    assert not any(is_quantized(m) for m in module.modules())  # refused before touching the model
+    check_strategy(strategies.DDPStrategy())  # supported: no error
+    check_strategy(strategies.SingleDeviceStrategy("cpu"))
+
+
+# --------------------------------------------------------------------------- CUDA
+@pytest.mark.gpu
+@cuda
+def test_qlora_on_cuda_quantizes_on_device_and_trains():
+    module = CausalLM(tiny_llama(hidden=256), lr=1e-2)
+    before = _lora_snapshot(LoRA(r=4).apply(module))
+    _trainer(3, [LoRA(r=4)], FourBitPrecision(), accelerator="cuda").fit(module, _loader(2))
+    layer = next(m for m in module.modules() if is_quantized(m))
+    assert layer.weight.device.type == "cuda"
+    assert bits_per_parameter(module) <= 4.13
+    after = _lora_snapshot(module)
+    assert all(not torch.equal(after[n].cpu(), before[n]) for n in before if n.endswith("lora_b"))
+
+
+@pytest.mark.gpu
+@cuda
+def test_fsdp_fit_is_refused_before_training():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    module = CausalLM(tiny_llama())
+    trainer = _trainer(1, [LoRA(r=4)], FourBitPrecision(), strategy=FSDPStrategy(), accelerator="cuda")
+    with pytest.raises(RuntimeError, match="does not support FSDPStrategy"):
+        trainer.fit(module, _loader(1))
+    assert trainer.global_step == 0
