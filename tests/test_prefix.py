@@ -321,6 +321,33 @@ def test_trains_causal_lm_with_frozen_base_bit_identical():
         assert not torch.allclose(module(**batch).logits, base_logits)
 
 
+def test_four_bit_base_keeps_the_prefix_mlp_in_full_precision():
+    pytest.importorskip("bitsandbytes")
+    from lightning_peft.plugins import FourBitPrecision
+
+    module = CausalLM(tiny_llama(), lr=1e-2)
+    callback = PrefixTuning(num_virtual_tokens=P, projection_dim=8)
+    callback.apply(module)
+    before = {n: p.detach().clone() for n, p in trainable_named_parameters(module)}
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+        plugins=[FourBitPrecision("nf4", compute_dtype=torch.bfloat16)],
+    )
+    trainer.fit(module, train_dataloaders=_loader("lm", n=2))
+    assert type(module.backbone.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    after = dict(trainable_named_parameters(module))
+    assert set(after) == set(before)
+    assert all(p.dtype == torch.float32 and not torch.equal(p, before[n]) for n, p in after.items())
+    assert type(module.backbone.prefix_encoder.transform[2]) is nn.Linear
+
+
 def test_projection_trains_then_folds_into_identical_plain_prefixes():
     module = CausalLM(tiny_llama(), lr=1e-2)
     callback = PrefixTuning(num_virtual_tokens=P, projection_dim=32)
