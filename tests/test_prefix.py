@@ -547,6 +547,7 @@ def test_to_peft_is_none_for_encoders_and_classifiers():
 
 
 # --------------------------------------------------------------------------- recipe
+@pytest.mark.slow
 def test_minilm_recipe_loads_and_trains_two_steps(tmp_path, monkeypatch, capsys):
     from pathlib import Path
 
