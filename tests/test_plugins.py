@@ -300,6 +300,7 @@ def test_delta_checkpoint_over_four_bit_base_resumes(tmp_path):
     _trainer(4, [LoRA(r=4), saver], FourBitPrecision()).fit(straight, _loader(2))  # 2 epochs of 2 steps
     ckpt = torch.load(tmp_path / "step=2.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["state_dict"] and all(".lora_" in k for k in ckpt["state_dict"])  # deltas only
+    assert ckpt["FourBitPrecision"]["quant_type"] == "nf4"  # the plugin's settings travel along
     resumed = CausalLM(tiny_llama(), lr=1e-2)
     trainer = _trainer(4, [LoRA(r=4)], FourBitPrecision())
     trainer.fit(resumed, _loader(2), ckpt_path=tmp_path / "step=2.ckpt")
@@ -383,3 +384,36 @@ def test_fsdp_fit_is_refused_before_training():
     with pytest.raises(RuntimeError, match="does not support FSDPStrategy"):
         trainer.fit(module, _loader(1))
     assert trainer.global_step == 0
+
+
+# --------------------------------------------------------------------------- DDP
+DDP_SCRIPT = """
+import torch
+from conftest import tiny_llama
+from lightning_peft import CausalLM
+from lightning_peft.callbacks import LoRA
+from lightning_peft.methods.base import trainable_named_parameters
+from lightning_peft.plugins import FourBitPrecision
+from lightning_peft.quantization import is_quantized
+
+module = CausalLM(tiny_llama(), lr=1e-2)
+t = trainer(2, strategy="ddp", devices=2, callbacks=[LoRA(r=4)], plugins=[FourBitPrecision()])
+t.fit(module, loader("lm", n=4, batch=2))
+out = {k: v for k, v in trainable_named_parameters(module)}
+for name, m in module.named_modules():
+    if is_quantized(m):
+        out[name + ".codes"] = m.weight.data.flatten()[:256]
+        out[name + ".absmax"] = m.weight.quant_state.absmax
+save_rank(t, out)
+"""
+
+
+@pytest.mark.slow
+def test_ddp_ranks_hold_the_same_four_bit_base_and_lora(tmp_path):
+    from distributed import TRAIN_PRELUDE, run_script
+
+    r0, r1 = run_script(TRAIN_PRELUDE + DDP_SCRIPT, tmp_path)
+    assert r0.keys() == r1.keys()
+    assert sum(k.endswith(".codes") for k in r0) == 14
+    for key in r0:
+        assert torch.equal(r0[key], r1[key]), f"ranks differ on {key}"
