@@ -121,7 +121,7 @@ def bench_inference(args) -> dict[str, float]:
             if "lora_b" in name:
                 p.normal_(std=0.01)
         merge(merged)
-    models["merged"] = merged
+    models = {"base": models["base"], "merged": merged, "ours": models["ours"], "peft": models["peft"]}
 
     def forward(model):
         def run(b):
@@ -189,6 +189,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps per timed round")
     parser.add_argument("--repeats", type=int, default=6, help="alternating rounds per measurement")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--only", default="train,rss,inference", help="comma-separated subset of: train, rss, inference"
+    )
     parser.add_argument("--rss-child", choices=["ours", "peft"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -201,30 +204,41 @@ def main() -> None:
         f"Llama-shaped model: hidden {args.hidden}, {args.layers} layers, seq {args.seq}, batch {args.batch}, "
         f"LoRA r={args.r} on {','.join(TARGETS)}; torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
-    ours_t, peft_t = bench_train(args)
-    child = {k: child_peak_rss(k, args) for k in ("ours", "peft")}
-    rss = {k: v["peak_rss"] for k, v in child.items()}
-    growth = {k: v["peak_rss"] - v["before"] for k, v in child.items()}
-    inf = bench_inference(args)
-    rows = [
-        ("training step (s), dropout 0", ours_t, peft_t, ours_t / peft_t, "<= 1.00"),
-        (
-            "peak RSS (MiB), dropout 0.05",
-            rss["ours"] / 2**20,
-            rss["peft"] / 2**20,
-            rss["ours"] / rss["peft"],
-            "<= 1.00",
-        ),
-        (
-            "  of which training (MiB)",
-            growth["ours"] / 2**20,
-            growth["peft"] / 2**20,
-            growth["ours"] / max(growth["peft"], 1),
-            "(info)",
-        ),
-        ("un-merged inference (s)", inf["ours"], inf["peft"], inf["ours"] / inf["peft"], "<= 1.00"),
-        ("merged inference vs base (s)", inf["merged"], inf["base"], inf["merged"] / inf["base"], "<= 1.02"),
-    ]
+    parts = set(args.only.split(","))
+    rows = []
+    if "train" in parts:
+        ours_t, peft_t = bench_train(args)
+        rows.append(("training step (s), dropout 0", ours_t, peft_t, ours_t / peft_t, "<= 1.00"))
+    if "rss" in parts:
+        child = {k: child_peak_rss(k, args) for k in ("ours", "peft")}
+        rss = {k: v["peak_rss"] / 2**20 for k, v in child.items()}
+        growth = {k: (v["peak_rss"] - v["before"]) / 2**20 for k, v in child.items()}
+        rows.append(
+            ("peak RSS (MiB), dropout 0.05", rss["ours"], rss["peft"], rss["ours"] / rss["peft"], "<= 1.00")
+        )
+        rows.append(
+            (
+                "  of which training (MiB)",
+                growth["ours"],
+                growth["peft"],
+                growth["ours"] / growth["peft"],
+                "(info)",
+            )
+        )
+    if "inference" in parts:
+        inf = bench_inference(args)
+        rows.append(
+            ("un-merged inference (s)", inf["ours"], inf["peft"], inf["ours"] / inf["peft"], "<= 1.00")
+        )
+        rows.append(
+            (
+                "merged inference vs base (s)",
+                inf["merged"],
+                inf["base"],
+                inf["merged"] / inf["base"],
+                "<= 1.02",
+            )
+        )
     print(f"\n{'measure':<32}{'ours':>12}{'reference':>12}{'ratio':>8}  target")
     for name, ours, ref, ratio, target in rows:
         print(f"{name:<32}{ours:>12.4f}{ref:>12.4f}{ratio:>8.3f}  {target}")
