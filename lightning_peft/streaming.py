@@ -14,6 +14,7 @@ Two ways to never hold a whole model in full precision, for
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import struct
@@ -175,6 +176,23 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
+def _no_init() -> contextlib.AbstractContextManager:
+    """Skip weight initialization while building the skeleton (every parameter is loaded later)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers: initialization runs, on tensors freed right away
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
+def _release_freed_memory() -> None:
+    """Give memory freed while streaming back to the OS (glibc keeps freed heap pages otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def load_quantized(
     source: str | os.PathLike,
     auto_class: Any = None,
@@ -232,7 +250,7 @@ def load_quantized(
         for key, value in config_kwargs.items():
             setattr(config, key, value)
     device = torch.device(device)
-    with _parameters_on_meta():
+    with _parameters_on_meta(), _no_init():
         model = auto_class.from_config(config) if hasattr(auto_class, "from_config") else auto_class(config)
     model.requires_grad_(False)
     targets = {
@@ -269,6 +287,7 @@ def load_quantized(
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     _finish_missing(model, dtype, device, unexpected)
+    _release_freed_memory()
     return model.to(device).eval()
 
 
