@@ -5,9 +5,10 @@ folder as bf16 safetensors (what a hub checkpoint looks like), it measures:
 
 * bits held per quantized weight (NF4 + double quantization, limit 4 + 8/64 + 32/(64*256)
   = 4.127);
-* peak memory while loading, and while loading then fine-tuning, the 4-bit model vs the
-  bf16 model, each in a fresh subprocess (peak RSS on CPU; peak allocated GPU memory on
-  CUDA);
+* peak memory while loading, resident memory once every weight is paged in, and peak
+  memory while loading then fine-tuning (gradient checkpointing on, as in QLoRA; ``--
+  gradient-checkpointing 0`` turns it off), the 4-bit model vs the bf16 model, each in a
+  fresh subprocess (peak RSS on CPU; peak allocated GPU memory on CUDA);
 * QLoRA training step time vs bf16 LoRA step time (target <= 1.10) and vs transformers +
   PEFT QLoRA on the same model (target <= 1.00): every step is forward + backward + AdamW
   on a batch of ``--tokens`` tokens, bf16 autocast, fp32 LoRA parameters, the same LoRA on
@@ -180,12 +181,20 @@ def job_memory(args) -> dict:
     model = load(args.kind, args.folder, args.device)
     out = {"kind": args.kind, "load_s": time.perf_counter() - start}
     out["load_peak_mib"], out["after_load_rss_mib"] = peak_mib(args.device), rss_mib()
+    with torch.no_grad():  # page in every weight (from_pretrained maps files lazily), no big temporaries
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.numel():
+                t.detach().reshape(-1)[::1024].sum()
+    out["resident_after_load_mib"] = rss_mib()
     if args.kind == "ours4":
         from lightning_peft.quantization import bits_per_parameter, quantization_report
 
         out["bits_per_quantized_weight"] = bits_per_parameter(model)
         out["report"] = quantization_report(model)
     model = add_lora(args.kind, model, args.r)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     model.train()
     step = make_step(model, args.device)
     batch = batch_for(args.tokens, args.vocab, args.device)
@@ -240,6 +249,7 @@ def run_job(job: str, args, kind: str | None = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--job", job, "--folder", args.folder]
     for name in ("hidden", "layers", "vocab", "tokens", "r", "steps", "rounds", "threads", "device"):
         cmd += [f"--{name}", str(getattr(args, name))]
+    cmd += ["--gradient-checkpointing", str(args.gradient_checkpointing)]
     if kind:
         cmd += ["--kind", kind]
     res = subprocess.run(
@@ -264,6 +274,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--folder", default=None, help="an existing saved model (default: build one)")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        type=int,
+        default=1,
+        help="1: memory runs recompute activations (as QLoRA does), so weights dominate the peak; 0: off",
+    )
+    parser.add_argument("--only", choices=["memory", "time"], default=None, help="run one part")
     parser.add_argument("--job", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--kind", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -282,8 +299,9 @@ def main() -> None:
             f"saved as bf16 safetensors in {args.folder}"
         )
     print(f"device: {args.device}, threads: {args.threads}, {args.tokens} tokens per step, LoRA r={args.r}")
-    memory = {kind: run_job("memory", args, kind) for kind in ("ours4", "bf16")}
-    timing = run_job("time", args)
+    kinds = ("ours4", "bf16")
+    memory = {k: run_job("memory", args, k) for k in kinds} if args.only != "time" else {k: {} for k in kinds}
+    timing = run_job("time", args) if args.only != "memory" else {}
     results = {"memory": memory, "time": timing}
     unit = "peak GPU memory allocated" if args.device.startswith("cuda") else "peak RSS"
 
@@ -295,12 +313,15 @@ def main() -> None:
             f"bits per quantized weight (NF4 + double quant): {bits:.4f}  (limit {NF4_DQ_LIMIT:.4f}: "
             f"{'ok' if bits <= NF4_DQ_LIMIT + 1e-3 else 'OVER'})"
         )
-    for phase in ("load", "train"):
-        key = f"{phase}_peak_mib"
+    labels = {
+        "load_peak_mib": f"{unit} while loading",
+        "resident_after_load_mib": "RSS after loading, every weight paged in",
+        "train_peak_mib": f"{unit} while loading + fine-tuning {args.steps} steps",
+    }
+    for key, label in labels.items():
         if key in ours and key in base:
             print(
-                f"{unit} while {'loading' if phase == 'load' else 'loading + fine-tuning'}: "
-                f"4-bit {ours[key]:.0f} MiB, bf16 {base[key]:.0f} MiB, ratio {ours[key] / base[key]:.3f}"
+                f"{label}: 4-bit {ours[key]:.0f} MiB, bf16 {base[key]:.0f} MiB, ratio {ours[key] / base[key]:.3f}"
             )
     for kind in ("ours4", "bf16"):
         if "error" in memory[kind]:
