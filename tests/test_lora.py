@@ -19,7 +19,7 @@ from lightning_peft.methods.base import (
     trainable_named_parameters,
     trainable_parameter_names,
 )
-from lightning_peft.methods.lora import LoRAConfig, LoRALinear, _DroppedLowRank, lora_layers
+from lightning_peft.methods.lora import LoRAConfig, LoRALinear, _DroppedLowRank, keep_mask, lora_layers
 
 from conftest import random_batch, tiny_bert_classifier, tiny_gpt2, tiny_llama
 
@@ -226,6 +226,7 @@ def test_zero_dropout_adds_no_dropout_op_to_the_graph():
 
 
 def test_dropout_path_matches_autograd_reference():
+    torch.manual_seed(0)
     base = nn.Linear(16, 8)
     layer = LoRALinear(base, r=3, alpha=6, dropout=0.3).train()
     nn.init.normal_(layer.lora_b)
@@ -239,12 +240,28 @@ def test_dropout_path_matches_autograd_reference():
     a = layer.lora_a.detach().clone().requires_grad_()
     b = layer.lora_b.detach().clone().requires_grad_()
     torch.manual_seed(7)
-    dropped, _ = torch.native_dropout(x, 0.3, True)
+    mask = keep_mask(x, 0.7)  # the same draws as inside the layer
+    assert 0 < int(mask.sum()) < mask.numel()
+    dropped = x * mask / 0.7
     ref = base(x) + 2.0 * (dropped @ a.T @ b.T)
     ref.square().sum().backward()
     for got, want in zip(ours, (ref.detach(), x.grad, a.grad, b.grad)):
-        torch.testing.assert_close(got, want)
-    assert (ours[0] != base(x).detach()).any()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # same math, other rounding order
+
+
+@pytest.mark.parametrize("keep", [0.95, 0.7, 0.5, 0.1])
+def test_keep_mask_is_bernoulli(keep):
+    torch.manual_seed(0)
+    like = torch.empty(1001, 999)  # odd size: not a multiple of the 4 draws per word
+    mask = keep_mask(like, keep)
+    assert mask.shape == like.shape and mask.dtype == torch.bool
+    n = mask.numel()
+    assert abs(mask.float().mean().item() - keep) < 5 * math.sqrt(keep * (1 - keep) / n)
+    # neighbours (which share a 64-bit draw) are independent: P(both kept) = keep**2
+    both = (mask[:, :-1] & mask[:, 1:]).float().mean().item()
+    assert abs(both - keep**2) < 5 * math.sqrt(keep**2 * (1 - keep**2) / n)
+    # rows differ and a new call gives a new mask
+    assert not torch.equal(mask, keep_mask(like, keep))
 
 
 def test_dropout_is_off_in_eval_and_under_autocast_gradients_flow():
