@@ -419,3 +419,35 @@ def test_ddp_ranks_hold_the_same_four_bit_base_and_lora(tmp_path):
     assert sum(k.endswith(".codes") for k in r0) == 14
     for key in r0:
         assert torch.equal(r0[key], r1[key]), f"ranks differ on {key}"
+
+
+# --------------------------------------------------------------------------- recipe
+def test_qlora_recipe_runs_two_steps_with_the_plugin(minilm_path, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from lightning_peft.cli import build_cli
+
+    monkeypatch.chdir(tmp_path)
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "minilm-sentiment" / "qlora.yaml"
+    cli = build_cli(
+        [
+            "fit",
+            "--config",
+            str(recipe),
+            "--trainer.max_steps=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    plugin = cli.trainer.precision_plugin
+    assert (
+        isinstance(plugin, FourBitPrecision) and plugin.spec.quant_type == "nf4" and plugin.spec.double_quant
+    )
+    assert cli.trainer.global_step == 2
+    module = cli.model
+    wrapped = [m for m in module.modules() if hasattr(m, "lora_a")]
+    assert wrapped and all(is_quantized(m.base) for m in wrapped)
+    assert not is_quantized(module.backbone.classifier)
+    assert bits_per_parameter(module) <= 4.13
