@@ -12,11 +12,14 @@ Measures, with the same model, targets, rank, batch and seed:
 Usage::
 
     python benchmarks/lora_vs_peft.py               # hidden 768, 4 layers, seq 256, batch 4
-    python benchmarks/lora_vs_peft.py --hidden 512 --layers 4 --repeats 5
+    python benchmarks/lora_vs_peft.py --hidden 512 --layers 4 --processes 5
 
-Numbers on a shared machine are noisy: runs alternate (ours, PEFT, PEFT, ours, ...) and each
-timing is the best of several rounds, since other processes only ever add time. Run it on an
-idle machine for figures you want to quote.
+Timings are noisy on shared machines, and part of the noise belongs to a process rather than
+to a model (where the allocator happened to place the weights, huge pages or not), so one
+process can favour either side by 10-20 %. The timed comparisons therefore run in
+``--processes`` fresh processes (building the two models in alternating order); inside each,
+runs alternate (ours, PEFT, PEFT, ours, ...) and each side's time is the best of its rounds.
+The table prints the median ratio over the processes and their range.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -93,37 +97,39 @@ def timed(fn, batch, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def bench_train(args, dropout: float = 0.0) -> tuple[float, float]:
-    batch = batch_for(args.batch, args.seq)
-    steps = {
-        k: make_step(build(k, args.hidden, args.layers, args.r, dropout).train()) for k in ("ours", "peft")
-    }
-    for fn in steps.values():  # warm-up
+def alternate(runs: dict, batch, args) -> dict[str, float]:
+    """Best time per call of each run over ``args.repeats`` alternating rounds of ``args.steps`` calls."""
+    for fn in runs.values():  # warm-up
         timed(fn, batch, 1)
-    times: dict[str, list[float]] = {"ours": [], "peft": []}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    kinds = list(runs)
     for i in range(args.repeats):
-        order = ("ours", "peft") if i % 2 == 0 else ("peft", "ours")
-        for kind in order:
-            times[kind].append(timed(steps[kind], batch, args.steps))
-    return min(times["ours"]), min(times["peft"])
+        for kind in kinds if i % 2 == 0 else kinds[::-1]:
+            times[kind].append(timed(runs[kind], batch, args.steps))
+    return {k: min(v) for k, v in times.items()}
 
 
-def bench_inference(args) -> dict[str, float]:
+def bench_train(args, order: tuple[str, str], dropout: float = 0.0) -> dict[str, float]:
+    batch = batch_for(args.batch, args.seq)
+    steps = {k: make_step(build(k, args.hidden, args.layers, args.r, dropout).train()) for k in order}
+    return alternate(steps, batch, args)
+
+
+def bench_inference(args, order: tuple[str, str]) -> dict[str, float]:
     from lightning_peft import merge
 
     batch = {k: v for k, v in batch_for(args.batch, args.seq).items() if k != "labels"}
-    models = {k: build(k, args.hidden, args.layers, args.r, 0.0).eval() for k in ("base", "ours", "peft")}
+    models = {"base": build("base", args.hidden, args.layers, args.r, 0.0).eval()}
+    for kind in order:
+        models[kind] = build(kind, args.hidden, args.layers, args.r, 0.0).eval()
     merged = build("ours", args.hidden, args.layers, args.r, 0.0).eval()
     with torch.no_grad():
-        for kind in ("ours", "peft"):  # non-zero B so nothing is skipped
-            for name, p in models[kind].named_parameters():
+        for model in (models["ours"], models["peft"], merged):  # non-zero B so nothing is skipped
+            for name, p in model.named_parameters():
                 if "lora_b" in name.lower():
                     p.normal_(std=0.01)
-        for name, p in merged.named_parameters():
-            if "lora_b" in name:
-                p.normal_(std=0.01)
         merge(merged)
-    models = {"base": models["base"], "merged": merged, "ours": models["ours"], "peft": models["peft"]}
+    models["merged"] = merged
 
     def forward(model):
         def run(b):
@@ -132,31 +138,42 @@ def bench_inference(args) -> dict[str, float]:
 
         return run
 
-    runs = {k: forward(m) for k, m in models.items()}
-    for fn in runs.values():
-        timed(fn, batch, 1)
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    kinds = list(runs)
-    for i in range(args.repeats):
-        order = kinds if i % 2 == 0 else kinds[::-1]
-        for kind in order:
-            times[kind].append(timed(runs[kind], batch, args.steps))
-    return {k: min(v) for k, v in times.items()}
+    return alternate({k: forward(m) for k, m in models.items()}, batch, args)
+
+
+def timing_child(args) -> None:
+    """One process's timings (seconds per call), as JSON on the last line of stdout."""
+    order = ("ours", "peft") if args.timing_child % 2 == 0 else ("peft", "ours")
+    parts = set(args.only.split(","))
+    out: dict[str, dict[str, float]] = {}
+    if "train" in parts:
+        out["train"] = bench_train(args, order)
+        out["train_dropout"] = bench_train(args, order, dropout=0.05)
+    if "inference" in parts:
+        out["inference"] = bench_inference(args, order)
+    print(json.dumps(out))
+
+
+def _child_args(args) -> list[str]:
+    return [
+        *("--hidden", str(args.hidden), "--layers", str(args.layers), "--seq", str(args.seq)),
+        *("--batch", str(args.batch), "--r", str(args.r), "--steps", str(args.steps)),
+        *("--repeats", str(args.repeats), "--only", args.only),
+    ]
+
+
+def run_child(flag: list[str], args) -> dict:
+    cmd = [sys.executable, __file__, *flag, *_child_args(args)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark child {flag} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def child_peak_rss(kind: str, args) -> dict[str, int]:
     """Train ``args.steps`` steps with dropout 0.05 in a fresh process; its peak RSS and RSS before (bytes)."""
-    cmd = [
-        sys.executable,
-        __file__,
-        "--rss-child",
-        kind,
-        *("--hidden", str(args.hidden), "--layers", str(args.layers), "--seq", str(args.seq)),
-        *("--batch", str(args.batch), "--r", str(args.r), "--steps", str(args.steps)),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child(["--rss-child", kind], args)
 
 
 def _vm(field: str) -> int:
@@ -190,35 +207,56 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3, help="steps per timed round")
     parser.add_argument("--repeats", type=int, default=6, help="alternating rounds per measurement")
+    parser.add_argument("--processes", type=int, default=3, help="fresh processes for the timed comparisons")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
         "--only", default="train,rss,inference", help="comma-separated subset of: train, rss, inference"
     )
     parser.add_argument("--rss-child", choices=["ours", "peft"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--timing-child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.rss_child:
         rss_child(args.rss_child, args)
         return
+    if args.timing_child is not None:
+        timing_child(args)
+        return
 
     print(
         f"Llama-shaped model: hidden {args.hidden}, {args.layers} layers, seq {args.seq}, batch {args.batch}, "
-        f"LoRA r={args.r} on {','.join(TARGETS)}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"LoRA r={args.r} on {','.join(TARGETS)}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"timings: {args.processes} processes x {args.repeats} rounds x {args.steps} steps"
     )
     parts = set(args.only.split(","))
     rows = []
-    if "train" in parts:
-        ours_t, peft_t = bench_train(args)
-        rows.append(("training step (s), dropout 0", ours_t, peft_t, ours_t / peft_t, "<= 1.00"))
-        ours_t, peft_t = bench_train(args, dropout=0.05)
-        rows.append(("training step (s), dropout 0.05", ours_t, peft_t, ours_t / peft_t, "<= 1.00"))
+    if parts & {"train", "inference"}:
+        runs = [run_child(["--timing-child", str(i)], args) for i in range(args.processes)]
+        measures = [
+            ("train", "training step (s), dropout 0", "ours", "peft", "<= 1.00"),
+            ("train_dropout", "training step (s), dropout 0.05", "ours", "peft", "<= 1.00"),
+            ("inference", "un-merged inference (s)", "ours", "peft", "<= 1.00"),
+            ("inference", "merged inference vs base (s)", "merged", "base", "<= 1.02"),
+        ]
+        for key, name, ours, ref, target in measures:
+            if key in runs[0]:
+                rows.append(
+                    timing_row(name, [r[key][ours] for r in runs], [r[key][ref] for r in runs], target)
+                )
     if "rss" in parts:
         child = {k: child_peak_rss(k, args) for k in ("ours", "peft")}
         rss = {k: v["peak_rss"] / 2**20 for k, v in child.items()}
         growth = {k: (v["peak_rss"] - v["before"]) / 2**20 for k, v in child.items()}
         rows.append(
-            ("peak RSS (MiB), dropout 0.05", rss["ours"], rss["peft"], rss["ours"] / rss["peft"], "<= 1.00")
+            (
+                "peak RSS (MiB), dropout 0.05",
+                rss["ours"],
+                rss["peft"],
+                rss["ours"] / rss["peft"],
+                "",
+                "<= 1.00",
+            )
         )
         rows.append(
             (
@@ -226,27 +264,23 @@ def main() -> None:
                 growth["ours"],
                 growth["peft"],
                 growth["ours"] / growth["peft"],
+                "",
                 "(info)",
             )
         )
-    if "inference" in parts:
-        inf = bench_inference(args)
-        rows.append(
-            ("un-merged inference (s)", inf["ours"], inf["peft"], inf["ours"] / inf["peft"], "<= 1.00")
-        )
-        rows.append(
-            (
-                "merged inference vs base (s)",
-                inf["merged"],
-                inf["base"],
-                inf["merged"] / inf["base"],
-                "<= 1.02",
-            )
-        )
-    print(f"\n{'measure':<32}{'ours':>12}{'reference':>12}{'ratio':>8}  target")
-    for name, ours, ref, ratio, target in rows:
-        print(f"{name:<32}{ours:>12.4f}{ref:>12.4f}{ratio:>8.3f}  {target}")
-    print("\nreference = HF PEFT, except the merged row (the plain base model).")
+    print(f"\n{'measure':<32}{'ours':>10}{'reference':>11}{'ratio':>8}  {'range':<13}  target")
+    for name, ours, ref, ratio, spread, target in rows:
+        print(f"{name:<32}{ours:>10.4f}{ref:>11.4f}{ratio:>8.3f}  {spread:<13}  {target}")
+    print(
+        "\nreference = HF PEFT, except the merged row (the plain base model). Timing rows: median over"
+        "\nprocesses of each side's best time, the median of the per-process ratios, and their range."
+    )
+
+
+def timing_row(name: str, ours: list[float], ref: list[float], target: str) -> tuple:
+    ratios = sorted(o / r for o, r in zip(ours, ref))
+    spread = f"{ratios[0]:.3f}-{ratios[-1]:.3f}" if len(ratios) > 1 else ""
+    return name, statistics.median(ours), statistics.median(ref), statistics.median(ratios), spread, target
 
 
 if __name__ == "__main__":

@@ -1,0 +1,102 @@
+"""The benchmark scripts run end to end at tiny sizes and print the rows their docs quote.
+
+These are smoke runs, not measurements: the sizes are far too small for the ratios to mean
+anything, so only the structure of the report and its sanity (positive, finite numbers) are
+checked.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(name: str, *args: str, timeout: int = 600) -> str:
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def table_row(text: str, label: str) -> list[float]:
+    """The numbers on the first line starting with ``label`` (after leading spaces)."""
+    for line in text.splitlines():
+        if line.strip().startswith(label):
+            rest = line.strip()[len(label) :]
+            return [float(x) for x in re.findall(r"(?<![\w.-])\d+\.\d+(?![\w.-])", rest)]
+    raise AssertionError(f"no row {label!r} in:\n{text}")
+
+
+@pytest.mark.slow
+def test_lora_vs_peft_prints_every_ratio():
+    text = run_benchmark(
+        "lora_vs_peft.py",
+        *("--hidden", "64", "--layers", "1", "--seq", "16", "--batch", "1"),
+        *("--steps", "1", "--repeats", "2", "--processes", "2", "--r", "4"),
+    )
+    for label in (
+        "training step (s), dropout 0",
+        "training step (s), dropout 0.05",
+        "un-merged inference (s)",
+        "merged inference vs base (s)",
+    ):
+        ours, ref, ratio = table_row(text, label)[:3]
+        assert ours > 0 and ref > 0 and 0 < ratio < math.inf, (label, text)
+    for label in ("peak RSS (MiB), dropout 0.05", "of which training (MiB)"):
+        ours, ref, ratio = table_row(text, label)[:3]
+        assert ours > 0 and ref > 0 and math.isclose(ratio, ours / ref, rel_tol=1e-3), (label, text)
+
+
+@pytest.mark.slow
+def test_checkpoint_size_reports_bytes_per_parameter():
+    text = run_benchmark(
+        "checkpoint_size.py",
+        *("--hidden", "64", "--layers", "1", "--vocab", "256", "--r", "2", "--steps", "1"),
+    )
+    for dtype in ("float32", "bfloat16"):
+        section = text.split(f"[{dtype}]")[1]
+        delta = int(re.search(r"delta \.ckpt\s+([\d,]+) B", section).group(1).replace(",", ""))
+        full = int(re.search(r"full Lightning \.ckpt\s+([\d,]+) B", section).group(1).replace(",", ""))
+        assert 0 < delta < full, section
+        ratio = float(re.search(r"full / delta = ([\d.]+)x", section).group(1))
+        assert math.isclose(ratio, full / delta, rel_tol=0.02), section
+    assert "fingerprint:" in text
+
+
+def test_scaling_memory_prints_every_model_size():
+    text = run_benchmark("scaling_memory.py")
+    for size in ("7B", "13B", "70B"):
+        assert size in text
+
+
+@pytest.mark.slow
+def test_qlora_benchmark_reports_bits_memory_and_step_ratios():
+    text = run_benchmark(
+        "qlora.py",
+        *("--hidden", "64", "--layers", "1", "--vocab", "256", "--tokens", "16"),
+        *("--r", "2", "--steps", "1", "--rounds", "2"),
+    )
+    bits = float(re.search(r"bits per quantized weight \(NF4 \+ double quant\): ([\d.]+)", text).group(1))
+    assert 4.0 < bits < 4.5, text  # a 64x64 layer pads its second-level scale block past 4.127
+    for label in ("peak RSS while loading:", "peak RSS while loading + fine-tuning"):
+        assert label in text, text
+    for label in ("QLoRA / bf16 LoRA step time:", "ours / transformers+PEFT QLoRA step time:"):
+        ratio = table_row(text, label)[0]
+        assert 0 < ratio < math.inf, text
+    cosine = float(re.search(r"logits cosine ([\d.]+)", text).group(1))
+    assert 0.9 < cosine <= 1.0, text
