@@ -16,7 +16,7 @@ VERSION = re.search(
 ).group(1)
 
 INSTALL_REQUIRES = [
-    "torch>=2.4,<3",
+    "torch>=2.6,<3",  # FSDP2 (torch.distributed.fsdp.fully_shard) is public from 2.6
     "lightning>=2.4,<3",
     "transformers>=4.56,<6",
     "bitsandbytes>=0.45",

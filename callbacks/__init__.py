@@ -1,8 +1,7 @@
 """Lightning callbacks that apply a fine-tuning method when a run starts.
 
 Each callback is also its method's configuration: ``LoRA(r=8).apply(model)`` works without a
-Trainer. Names are imported lazily so that importing one callback does not import every
-method.
+Trainer. Names are resolved lazily, on first access.
 """
 
 from __future__ import annotations

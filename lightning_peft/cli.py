@@ -452,7 +452,7 @@ def _export_parser() -> argparse.ArgumentParser:
         "--dtype",
         default=None,
         choices=("float32", "float16", "bfloat16"),
-        help="weight dtype of a merged export (default: the model's)",
+        help="weight dtype of a merged export (default: float32)",
     )
     return parser
 

@@ -302,7 +302,10 @@ class _TokenizedData(L.LightningDataModule):
         if split not in self._splits:
             path = self.files[split]
             if path is None:
-                raise ValueError(f"no {split}_file was given, so there is no {split} split")
+                raise ValueError(
+                    f"no {split}_file was given, so there is no {split} split; set it in the data "
+                    f"module (--data.init_args.{split}_file FILE on the command line)"
+                )
             self._splits[split] = self._encode_file(path)
         return self._splits[split]
 

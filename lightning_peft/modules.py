@@ -339,18 +339,49 @@ class CausalLM(_FrozenBackboneModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Accumulates the token-weighted loss; ``val_loss`` and ``val_ppl`` are logged at epoch end."""
+        self._accumulate(batch)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Accumulates the token-weighted loss; ``test_loss`` and ``test_ppl`` are logged at epoch end."""
+        self._accumulate(batch)
+
+    def _accumulate(self, batch: dict[str, torch.Tensor]) -> None:
         loss = self(**batch).loss
         tokens = (batch["labels"][:, 1:] != -100).sum()
         self.val_loss_mean.update(loss.detach(), weight=tokens)
 
     def on_validation_epoch_end(self) -> None:
         """Log ``val_loss`` and ``val_ppl = exp(val_loss)`` over all validation tokens (all ranks)."""
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        """Log ``test_loss`` and ``test_ppl = exp(test_loss)`` over all test tokens (all ranks)."""
+        self._log_epoch("test")
+
+    def _log_epoch(self, prefix: str) -> None:
         if self.val_loss_mean.weight == 0 and not self.trainer.world_size > 1:
             return
         loss = self.val_loss_mean.compute()
         self.val_loss_mean.reset()
-        self.log("val_loss", loss, prog_bar=True)
-        self.log("val_ppl", torch.exp(loss.clamp(max=50)))
+        self.log(f"{prefix}_loss", loss, prog_bar=True)
+        self.log(f"{prefix}_ppl", torch.exp(loss.clamp(max=50)))
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Per-example mean negative log-likelihood of the labelled tokens, shape ``(B,)``.
+
+        With :class:`~lightning_peft.data.InstructionData` those are the response tokens, so
+        ``exp`` of a value is the response's perplexity under the model. Examples without a
+        labelled token get ``nan``. For text, call :meth:`generate`.
+        """
+        labels = batch["labels"]
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = self(**inputs).logits[:, :-1].float()  # (B, T-1, V)
+        target = labels[:, 1:]  # (B, T-1)
+        nll = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), target, ignore_index=-100, reduction="none"
+        )  # (B, T-1)
+        counted = (target != -100).sum(-1)  # (B,)
+        return nll.sum(-1) / counted  # (B,), nan where nothing is labelled
 
     def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``backbone.generate`` (with whatever the active method learned)."""

@@ -256,6 +256,16 @@ class _MLPBlock(nn.Module):
         return self.fc2(self.fc1(x))
 
 
+def test_adapters_on_a_bf16_model_train_in_fp32_and_return_bf16():
+    model = Adapter(bottleneck=8).apply(tiny_llama().to(torch.bfloat16))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    logits = model(**random_batch()).logits
+    assert logits.dtype == torch.bfloat16
+    logits.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
+
+
 def test_models_without_blocks_or_attention_are_refused():
     with pytest.raises(ValueError, match="repeated transformer blocks"):
         Adapter().apply(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))

@@ -85,6 +85,30 @@ def test_causal_lm_val_ppl_is_exp_of_token_weighted_loss():
     assert metrics["val_ppl"] == pytest.approx(float(torch.exp(expected)), rel=1e-4)
 
 
+def test_causal_lm_test_loss_equals_val_loss_on_the_same_batches():
+    module = CausalLM(tiny_llama())
+    loader = torch.utils.data.DataLoader(
+        [random_batch(labels="lm", seed=i) for i in range(2)], batch_size=None
+    )
+    val = _trainer(1).validate(module, dataloaders=loader, verbose=False)[0]
+    test = _trainer(1).test(module, dataloaders=loader, verbose=False)[0]
+    assert test["test_loss"] == pytest.approx(val["val_loss"], rel=1e-6)
+    assert test["test_ppl"] == pytest.approx(val["val_ppl"], rel=1e-6)
+
+
+def test_causal_lm_predict_scores_each_example_by_its_labelled_tokens():
+    module = CausalLM(tiny_llama())
+    batch = random_batch(labels="lm", seed=3)  # (2, T)
+    batch["labels"][0, :4] = -100  # example 0: loss on its tail only
+    batch["labels"][1, :] = -100  # example 1: nothing labelled
+    scores = _trainer(1).predict(module, dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))[0]
+    assert scores.shape == (2,)
+    with torch.no_grad():
+        alone = module(**{k: v[:1] for k, v in batch.items()}).loss
+    assert float(scores[0]) == pytest.approx(float(alone), rel=1e-5)
+    assert torch.isnan(scores[1])
+
+
 def test_schedule_warmup_then_cosine():
     module = CausalLM(tiny_llama(), lr=1e-2, warmup_steps=2, schedule="cosine")
     trainer = _trainer(6, callbacks=[PartialFinetuning(parts=["head"])])

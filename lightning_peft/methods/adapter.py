@@ -126,13 +126,17 @@ def _out_features(layer: nn.Module) -> int:
 
 
 def _new_weight_kwargs(layer: nn.Module) -> dict[str, Any]:
-    """Device and floating dtype for an adapter that follows ``layer``."""
+    """Device and dtype for an adapter that follows ``layer``: float32, or the layer's dtype when wider.
+
+    Trainable weights stay in at least float32 for the optimizer; :class:`AdapterLayer`
+    feeds the adapter a copy of the hidden states in its dtype and casts the update back.
+    """
     weight = next(layer.parameters())
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None and getattr(quant_state, "dtype", None) is not None:
         dtype = quant_state.dtype
-    return {"device": weight.device, "dtype": dtype}
+    return {"device": weight.device, "dtype": torch.promote_types(dtype, torch.float32)}
 
 
 def _is_attention(name: str, module: nn.Module) -> bool:

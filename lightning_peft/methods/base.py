@@ -161,8 +161,9 @@ class Method:
     def apply(self, model: nn.Module) -> nn.Module:
         """Apply the method to ``model`` in place and return it.
 
-        Everything not declared trainable is frozen. Applying the same kind of method twice
-        to one model raises ``ValueError`` rather than wrapping layers twice.
+        Everything not declared trainable is frozen. Applying the same configuration again
+        is a no-op; the same method with another configuration raises ``ValueError`` rather
+        than wrapping layers twice.
 
         Args:
             model: Any ``nn.Module`` (a LightningModule, a Hugging Face model, a model on
