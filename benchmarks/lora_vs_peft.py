@@ -35,6 +35,8 @@ import time
 
 import torch
 
+DEVICE = torch.device("cpu")
+DTYPE = torch.float32
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -55,7 +57,7 @@ def build_base(hidden: int, layers: int, seed: int = 0):
 
 
 def build(kind: str, hidden: int, layers: int, r: int, dropout: float):
-    model = build_base(hidden, layers)
+    model = build_base(hidden, layers).to(DEVICE, DTYPE)
     if kind == "ours":
         from lightning_peft.callbacks import LoRA
 
@@ -74,6 +76,7 @@ def build(kind: str, hidden: int, layers: int, r: int, dropout: float):
 def batch_for(batch: int, seq: int, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 4096, (batch, seq), generator=g)
+    ids = ids.to(DEVICE)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
@@ -91,10 +94,17 @@ def make_step(model):
 
 
 def timed(fn, batch, steps: int) -> float:
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
         fn(batch)
+    sync()
     return (time.perf_counter() - start) / steps
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def alternate(runs: dict, batch, args) -> dict[str, float]:
@@ -158,7 +168,16 @@ def _child_args(args) -> list[str]:
     return [
         *("--hidden", str(args.hidden), "--layers", str(args.layers), "--seq", str(args.seq)),
         *("--batch", str(args.batch), "--r", str(args.r), "--steps", str(args.steps)),
-        *("--repeats", str(args.repeats), "--only", args.only),
+        *(
+            "--repeats",
+            str(args.repeats),
+            "--only",
+            args.only,
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+        ),
     ]
 
 
@@ -191,6 +210,12 @@ def rss_child(kind: str, args) -> None:
     step = make_step(model)
     batch = batch_for(args.batch, args.seq)
     gc.collect()
+    if DEVICE.type == "cuda":  # peak allocated GPU memory instead of RSS
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        timed(step, batch, args.steps)
+        print(json.dumps({"peak_rss": torch.cuda.max_memory_allocated(), "before": before}))
+        return
     before = _vm("VmRSS")
     timed(step, batch, args.steps)
     print(json.dumps({"peak_rss": _vm("VmHWM"), "before": before}))
@@ -209,6 +234,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=6, help="alternating rounds per measurement")
     parser.add_argument("--processes", type=int, default=3, help="fresh processes for the timed comparisons")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16"), help="model and LoRA dtype"
+    )
     parser.add_argument(
         "--only", default="train,rss,inference", help="comma-separated subset of: train, rss, inference"
     )
@@ -217,6 +246,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    global DEVICE, DTYPE
+    DEVICE, DTYPE = torch.device(args.device), getattr(torch, args.dtype)
     if args.rss_child:
         rss_child(args.rss_child, args)
         return
@@ -226,7 +257,8 @@ def main() -> None:
 
     print(
         f"Llama-shaped model: hidden {args.hidden}, {args.layers} layers, seq {args.seq}, batch {args.batch}, "
-        f"LoRA r={args.r} on {','.join(TARGETS)}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"LoRA r={args.r} on {','.join(TARGETS)}; torch {torch.__version__}, {args.device} ({args.dtype}), "
+        f"{torch.get_num_threads()} threads; "
         f"timings: {args.processes} processes x {args.repeats} rounds x {args.steps} steps"
     )
     parts = set(args.only.split(","))
@@ -248,9 +280,10 @@ def main() -> None:
         child = {k: child_peak_rss(k, args) for k in ("ours", "peft")}
         rss = {k: v["peak_rss"] / 2**20 for k, v in child.items()}
         growth = {k: (v["peak_rss"] - v["before"]) / 2**20 for k, v in child.items()}
+        memory = "peak GPU memory (MiB)" if args.device.startswith("cuda") else "peak RSS (MiB)"
         rows.append(
             (
-                "peak RSS (MiB), dropout 0.05",
+                f"{memory}, dropout 0.05",
                 rss["ours"],
                 rss["peft"],
                 rss["ours"] / rss["peft"],
