@@ -100,13 +100,28 @@ _DTYPES = {
 
 
 # --------------------------------------------------------------------------- trainable state
+# Wrapper modules that insert a level into parameter names but drop it again in
+# ``state_dict()``: FSDP1 units and activation-checkpoint wrappers.
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def _unwrapped(name: str) -> str:
+    """``name`` without the levels that FSDP1 / checkpoint wrappers add (as ``state_dict()`` has it)."""
+    for segment in _WRAPPER_SEGMENTS:
+        if segment in name:
+            name = name.replace(segment, "")
+    return name
+
+
 def trainable_state_dict(obj: nn.Module, *, keep_vars: bool = False) -> dict[str, torch.Tensor]:
     """The trained part of ``obj``: what a delta checkpoint holds.
 
     Declared-trainable parameters (:func:`trainable_named_parameters`, shared tensors once)
     plus the persistent buffers of modules declared trainable as a whole (e.g. a norm
     layer's running statistics under full fine-tuning). Names are relative to ``obj``, as in
-    ``obj.state_dict()``.
+    ``obj.state_dict()``: the levels that FSDP1 units and activation-checkpoint wrappers
+    insert are left out, so a model trained under ``FSDPStrategy`` exports the same names
+    as an unwrapped one.
 
     Args:
         obj: A model a method was applied to (or any module with declarations).
@@ -114,7 +129,7 @@ def trainable_state_dict(obj: nn.Module, *, keep_vars: bool = False) -> dict[str
     """
     out: dict[str, torch.Tensor] = {}
     for name, param in trainable_named_parameters(obj):
-        out[name] = param if keep_vars else param.detach()
+        out[_unwrapped(name)] = param if keep_vars else param.detach()
     seen = {id(t) for t in out.values()}
 
     def visit(module: nn.Module, prefix: str, inherited: bool) -> None:
@@ -124,7 +139,7 @@ def trainable_state_dict(obj: nn.Module, *, keep_vars: bool = False) -> dict[str
                 if buf is None or name in module._non_persistent_buffers_set or id(buf) in seen:
                     continue
                 seen.add(id(buf))
-                out[prefix + name] = buf if keep_vars else buf.detach()
+                out[_unwrapped(prefix + name)] = buf if keep_vars else buf.detach()
         for child_name, child in module.named_children():
             visit(child, f"{prefix}{child_name}.", everything)
 

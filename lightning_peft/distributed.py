@@ -121,14 +121,24 @@ def shard_backbone(
     _quantize_first(module)
     backbone = find_backbone(module)
     _, blocks = find_block_list(backbone)
-    for block in blocks:
-        fully_shard(block, **kwargs)
-    fully_shard(backbone, **kwargs)
-    # Parameters a method placed outside the backbone (or a user's extra modules) must be
-    # sharded too: an unsharded parameter would never have its gradient reduced.
-    if backbone is not module:
-        for child in _containers_of_plain_parameters(module, backbone):
-            fully_shard(child, **kwargs)
+    try:
+        for block in blocks:
+            fully_shard(block, **kwargs)
+        fully_shard(backbone, **kwargs)
+        # Parameters a method placed outside the backbone (or a user's extra modules) must be
+        # sharded too: an unsharded parameter would never have its gradient reduced.
+        if backbone is not module:
+            for child in _containers_of_plain_parameters(module, backbone):
+                fully_shard(child, **kwargs)
+    except RuntimeError as err:
+        if "floating point dtype can require gradients" not in str(err):
+            raise
+        raise RuntimeError(
+            f"this torch ({torch.__version__}) cannot shard the 4-bit base with FSDP2: its fully_shard "
+            "marks every shard as requiring gradients, which integer 4-bit codes cannot. QLoRA under "
+            "ModelParallelStrategy needs a newer torch (2.13 works); with this one, train QLoRA under "
+            "DDP (strategy='ddp')."
+        ) from err
     sync_requires_grad(module)
     return module
 

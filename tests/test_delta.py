@@ -125,6 +125,22 @@ def test_trainable_state_of_lora_is_exactly_the_adapter():
 
 
 # --------------------------------------------------------------------------- fingerprint
+def test_trainable_state_names_skip_checkpoint_wrapper_levels():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from lightning_peft.callbacks import LoRA
+
+    plain = LoRA(r=2, target_modules=["q_proj"]).apply(tiny_llama())
+    wrapped = LoRA(r=2, target_modules=["q_proj"]).apply(tiny_llama())
+    layers = wrapped.model.layers
+    for i, block in enumerate(layers):  # what activation checkpointing / FSDP1 auto-wrapping do
+        layers[i] = checkpoint_wrapper(block)
+    assert any("_checkpoint_wrapped_module" in n for n, _ in wrapped.named_parameters())
+    names = list(trainable_state_dict(wrapped))
+    assert names == list(trainable_state_dict(plain))
+    assert set(names) <= set(wrapped.state_dict())  # the names state_dict() uses
+
+
 def test_fingerprint_is_stable_and_tells_bases_of_one_shape_apart():
     a, b = tiny_llama(seed=0), tiny_llama(seed=0)
     fa, fb = fingerprint(a), fingerprint(b)

@@ -227,6 +227,9 @@ def test_load_trainable_checks_keys_and_shapes():
 
 
 # --------------------------------------------------------------------------- CUDA only
+# Two GPUs when there are, else one (a world of one still runs the sharding code paths).
+GPUS = min(torch.cuda.device_count(), 2) if torch.cuda.is_available() else 0
+
 CUDA_SCRIPT = """
 import lightning as L
 import torch
@@ -234,13 +237,15 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 import peft_runs as p
 
+RUNS = {
+    "lora": (None, 2, None, 1),
+    "qlora": ([p.four_bit()], 2, None, 1),
+    "qlora_half": ([p.four_bit()], 1, None, 1),
+    "qlora_resume": ([p.four_bit()], 2, "half.ckpt", 7),
+}
 out = {}
-for kind, plugins, epochs, ckpt, seed in (
-    ("lora", None, 2, None, 1),
-    ("qlora", [p.four_bit()], 2, None, 1),
-    ("qlora_half", [p.four_bit()], 1, None, 1),
-    ("qlora_resume", [p.four_bit()], 2, "half.ckpt", 7),
-):
+for kind in KINDS:
+    plugins, epochs, ckpt, seed = RUNS[kind]
     module, callback = p.build("lora", method_seed=seed)
     t = L.Trainer(
         accelerator="cuda", devices=GPUS, strategy=ModelParallelStrategy(data_parallel_size=GPUS, tensor_parallel_size=1),
@@ -255,18 +260,33 @@ torch.save(out, f"rank{t.global_rank}.pt")
 """
 
 
-GPUS = min(torch.cuda.device_count(), 2) if torch.cuda.is_available() else 0
+def run_cuda(kinds: list[str], tmp_path) -> dict:
+    script = CUDA_SCRIPT.replace("KINDS", repr(kinds)).replace("GPUS", str(GPUS))
+    ranks = run_script(script, tmp_path)
+    assert len(ranks) == GPUS
+    for other in ranks[1:]:
+        for key in ranks[0]:
+            assert torch.equal(ranks[0][key], other[key]), f"ranks differ on {key}"
+    return ranks[0]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(GPUS == 0, reason="needs a CUDA device")
-def test_fsdp2_and_qlora_on_cuda_match_one_cpu_process(tmp_path):
-    ranks = run_script(CUDA_SCRIPT.replace("GPUS", str(GPUS)), tmp_path)
-    assert len(ranks) == GPUS
-    r0 = ranks[0]
-    for other in ranks[1:]:
-        for key in r0:
-            assert torch.equal(r0[key], other[key]), f"ranks differ on {key}"
+def test_fsdp2_on_cuda_matches_one_cpu_process(tmp_path):
+    r0 = run_cuda(["lora"], tmp_path)
     assert_close(section(r0, "lora"), peft_runs.reference("lora"), "FSDP2 on CUDA", atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPUS == 0, reason="needs a CUDA device")
+def test_fsdp2_qlora_on_cuda_matches_one_cpu_process_and_resumes(tmp_path):
+    try:
+        r0 = run_cuda(["qlora", "qlora_half", "qlora_resume"], tmp_path)
+    except AssertionError as err:
+        if "cannot shard the 4-bit base with FSDP2" in str(err):
+            pytest.skip(
+                f"this torch's FSDP2 cannot shard 4-bit codes (torch {torch.__version__}); the run said so"
+            )
+        raise
     assert_close(section(r0, "qlora"), peft_runs.reference("lora", qlora=True), "QLoRA on CUDA", atol=1e-3)
     assert_close(section(r0, "qlora_resume"), section(r0, "qlora"), "QLoRA resumed on CUDA")
