@@ -272,14 +272,16 @@ def run_cuda(kinds: list[str], tmp_path) -> dict:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(GPUS == 0, reason="needs a CUDA device")
-def test_fsdp2_on_cuda_matches_one_cpu_process(tmp_path):
+def test_fsdp2_on_cuda_matches_one_gpu(tmp_path):
     r0 = run_cuda(["lora"], tmp_path)
-    assert_close(section(r0, "lora"), peft_runs.reference("lora"), "FSDP2 on CUDA", atol=1e-4)
+    assert_close(
+        section(r0, "lora"), peft_runs.reference("lora", accelerator="cuda"), "FSDP2 on CUDA", atol=1e-4
+    )
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(GPUS == 0, reason="needs a CUDA device")
-def test_fsdp2_qlora_on_cuda_matches_one_cpu_process_and_resumes(tmp_path):
+def test_fsdp2_qlora_on_cuda_matches_one_gpu_and_resumes(tmp_path):
     try:
         r0 = run_cuda(["qlora", "qlora_half", "qlora_resume"], tmp_path)
     except AssertionError as err:
@@ -288,5 +290,6 @@ def test_fsdp2_qlora_on_cuda_matches_one_cpu_process_and_resumes(tmp_path):
                 f"this torch's FSDP2 cannot shard 4-bit codes (torch {torch.__version__}); the run said so"
             )
         raise
-    assert_close(section(r0, "qlora"), peft_runs.reference("lora", qlora=True), "QLoRA on CUDA", atol=1e-3)
+    want = peft_runs.reference("lora", qlora=True, accelerator="cuda")
+    assert_close(section(r0, "qlora"), want, "QLoRA on CUDA", atol=1e-3)
     assert_close(section(r0, "qlora_resume"), section(r0, "qlora"), "QLoRA resumed on CUDA")

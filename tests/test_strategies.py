@@ -192,12 +192,12 @@ def assert_gpu_run_matches(ranks, tmp_path):
         got0 = section(r0, name)
         for rank, other in enumerate(ranks[1:], start=1):
             assert_close(got0, section(other, name), f"{name}: rank {rank}", atol=0.0)
-        assert_close(got0, peft_runs.reference(name), f"{name} vs one CPU process", atol=1e-4)
+        assert_close(got0, peft_runs.reference(name, accelerator="cuda"), f"{name} vs one GPU", atol=1e-4)
 
 
 @pytest.mark.gpu
 @needs_a_gpu
-def test_fsdp1_strategy_trains_methods_like_one_process_without_checkpoints(tmp_path):
+def test_fsdp1_strategy_trains_methods_like_one_gpu_without_checkpoints(tmp_path):
     ranks = run_script(GPU_SCRIPT.format(helper="fsdp_strategy", args="", save=False, gpus=GPUS), tmp_path)
     assert_gpu_run_matches(ranks, tmp_path)
 
