@@ -79,7 +79,7 @@ class Batches(L.LightningDataModule):
         data = samples()
         split = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None)
         sampler = None
-        if split and split.get("num_replicas", 1) > 1:
+        if split:  # any distributed strategy, a world of one included
             sampler = torch.utils.data.DistributedSampler(data, shuffle=False, **split)
         return torch.utils.data.DataLoader(data, batch_size=self.batch, sampler=sampler)
 
