@@ -140,9 +140,7 @@ def reference(
 ) -> dict[str, torch.Tensor]:
     """The single-device run of method ``name`` on global batches (cached: do not modify).
 
-    CUDA runs compare with ``accelerator="cuda"``: AdamW turns the last-bit differences
-    between CPU and GPU kernels in a near-zero gradient into a full step, so only runs on the
-    same kind of device agree to 1e-4.
+    CUDA runs compare with ``accelerator="cuda"``, so both sides use the same kernels.
     """
     module, callback = build(name, **module_kw)
     plugins = [four_bit()] if qlora else None
