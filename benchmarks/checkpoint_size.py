@@ -29,24 +29,17 @@ import warnings
 from pathlib import Path
 
 import torch
+from _models import llama_config
 
 os.environ.setdefault("WANDB_MODE", "offline")
 warnings.filterwarnings("ignore")
 
 
 def build_base(hidden: int, layers: int, vocab: int, dtype: torch.dtype, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=int(hidden * 8 / 3) // 64 * 64,
-        num_hidden_layers=layers,
-        num_attention_heads=max(hidden // 64, 1),
-        num_key_value_heads=max(hidden // 128, 1),
-        max_position_embeddings=512,
-    )
+    cfg = llama_config(hidden, layers, vocab, kv_group=2, max_positions=512)
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 

@@ -34,26 +34,17 @@ import sys
 import time
 
 import torch
+from _models import TARGETS, llama_config
 
 DEVICE = torch.device("cpu")
 DTYPE = torch.float32
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def build_base(hidden: int, layers: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=4096,
-        hidden_size=hidden,
-        intermediate_size=int(hidden * 8 / 3) // 64 * 64,
-        num_hidden_layers=layers,
-        num_attention_heads=max(hidden // 64, 1),
-        num_key_value_heads=max(hidden // 64, 1),
-        max_position_embeddings=1024,
-    )
-    return LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(llama_config(hidden, layers, 4096))
 
 
 def build(kind: str, hidden: int, layers: int, r: int, dropout: float):

@@ -39,25 +39,15 @@ import tempfile
 import time
 
 import torch
+from _models import TARGETS, llama_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NF4_DQ_LIMIT = 4 + 8 / 64 + 32 / (64 * 256)
 
 
 # --------------------------------------------------------------------------- the model
 def config(hidden: int, layers: int, vocab: int):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=int(hidden * 11 / 4) // 64 * 64,
-        num_hidden_layers=layers,
-        num_attention_heads=max(hidden // 64, 1),
-        num_key_value_heads=max(hidden // 64, 1),
-        max_position_embeddings=2048,
-    )
+    return llama_config(hidden, layers, vocab, ffn_ratio=11 / 4, max_positions=2048)
 
 
 def save_model(folder: str, hidden: int, layers: int, vocab: int) -> int:

@@ -108,8 +108,7 @@ _WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 def _unwrapped(name: str) -> str:
     """``name`` without the levels that FSDP1 / checkpoint wrappers add (as ``state_dict()`` has it)."""
     for segment in _WRAPPER_SEGMENTS:
-        if segment in name:
-            name = name.replace(segment, "")
+        name = name.replace(segment, "")
     return name
 
 

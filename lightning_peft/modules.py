@@ -329,7 +329,7 @@ class CausalLM(_FrozenBackboneModule):
         else:
             self.backbone = load_pretrained(model, AutoModelForCausalLM, **kwargs)
         self._finish_backbone(gradient_checkpointing)
-        self.val_loss_mean = torchmetrics.MeanMetric()
+        self.eval_loss_mean = torchmetrics.MeanMetric()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Next-token loss on the tokens whose label is not -100; logs ``train_loss``."""
@@ -348,7 +348,7 @@ class CausalLM(_FrozenBackboneModule):
     def _accumulate(self, batch: dict[str, torch.Tensor]) -> None:
         loss = self(**batch).loss
         tokens = (batch["labels"][:, 1:] != -100).sum()
-        self.val_loss_mean.update(loss.detach(), weight=tokens)
+        self.eval_loss_mean.update(loss.detach(), weight=tokens)
 
     def on_validation_epoch_end(self) -> None:
         """Log ``val_loss`` and ``val_ppl = exp(val_loss)`` over all validation tokens (all ranks)."""
@@ -359,10 +359,10 @@ class CausalLM(_FrozenBackboneModule):
         self._log_epoch("test")
 
     def _log_epoch(self, prefix: str) -> None:
-        if self.val_loss_mean.weight == 0 and not self.trainer.world_size > 1:
+        if self.eval_loss_mean.weight == 0 and not self.trainer.world_size > 1:
             return
-        loss = self.val_loss_mean.compute()
-        self.val_loss_mean.reset()
+        loss = self.eval_loss_mean.compute()
+        self.eval_loss_mean.reset()
         self.log(f"{prefix}_loss", loss, prog_bar=True)
         self.log(f"{prefix}_ppl", torch.exp(loss.clamp(max=50)))
 

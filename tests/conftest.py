@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,10 +17,19 @@ def tiny_llama(
     num_layers: int = 2, vocab: int = 128, hidden: int = 64, heads: int = 4, kv_heads: int = 2, seed: int = 0
 ):
     """A Llama causal LM with grouped-query attention (kv width smaller than hidden)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    return LlamaForCausalLM(tiny_llama_config(num_layers, vocab, hidden, heads, kv_heads)).eval()
+
+
+def tiny_llama_config(
+    num_layers: int = 2, vocab: int = 128, hidden: int = 64, heads: int = 4, kv_heads: int = 2
+):
+    """The ``LlamaConfig`` of :func:`tiny_llama` (for tests that build the model themselves)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -31,7 +41,6 @@ def tiny_llama(
         eos_token_id=1,
         bos_token_id=2,
     )
-    return LlamaForCausalLM(cfg).eval()
 
 
 def tiny_gpt2(num_layers: int = 2, vocab: int = 128, hidden: int = 64, heads: int = 4, seed: int = 0):
@@ -107,3 +116,28 @@ def random_batch(vocab: int = 128, batch: int = 2, seq: int = 12, seed: int = 1,
     elif labels == "cls":
         out["labels"] = torch.randint(0, 2, (batch,), generator=g)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-model tests: faster, and immune to thread-pool
+    contention on busy machines (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def fit_recipe(recipe: str, tmp_path: Path, monkeypatch, *overrides: str):
+    """Run ``lightning-peft fit`` on a shipped recipe (``"minilm-sentiment/lora.yaml"``) from
+    ``tmp_path``, without a logger or progress bar; returns the CLI (``.model``, ``.trainer``)."""
+    from lightning_peft.cli import build_cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    args = ["fit", "--config", str(RECIPES / recipe), "--trainer.logger=false"]
+    args += ["--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}", *overrides]
+    return build_cli(args)

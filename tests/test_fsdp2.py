@@ -227,8 +227,7 @@ def test_load_trainable_checks_keys_and_shapes():
 
 
 # --------------------------------------------------------------------------- CUDA only
-# Two GPUs when there are, else one (a world of one still runs the sharding code paths).
-GPUS = min(torch.cuda.device_count(), 2) if torch.cuda.is_available() else 0
+GPUS = peft_runs.GPUS
 
 CUDA_SCRIPT = """
 import lightning as L

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -21,7 +20,7 @@ from lightning_peft.methods.base import (
 )
 from lightning_peft.methods.lora import LoRAConfig, LoRALinear, _DroppedLowRank, keep_mask, lora_layers
 
-from conftest import random_batch, tiny_bert_classifier, tiny_gpt2, tiny_llama
+from conftest import RECIPES, fit_recipe, random_batch, tiny_bert_classifier, tiny_gpt2, tiny_llama
 
 
 def _trainer(steps: int, callbacks=()) -> L.Trainer:
@@ -556,7 +555,6 @@ def test_from_peft_rejects_foreign_keys_and_configs():
 
 
 # --------------------------------------------------------------------------- recipes
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def test_minilm_lora_recipe_parses(minilm_path):
@@ -569,20 +567,12 @@ def test_minilm_lora_recipe_parses(minilm_path):
 
 
 def test_instruct_recipe_runs_two_steps(tmp_path, monkeypatch):
-    from lightning_peft.cli import build_cli
-
-    monkeypatch.chdir(tmp_path)
-    cli = build_cli(
-        [
-            "fit",
-            "--config",
-            str(RECIPES / "instruct-lm" / "lora.yaml"),
-            "--trainer.max_steps=2",
-            "--trainer.limit_val_batches=1",
-            "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false",
-            f"--trainer.default_root_dir={tmp_path}",
-        ]
+    cli = fit_recipe(
+        "instruct-lm/lora.yaml",
+        tmp_path,
+        monkeypatch,
+        "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=1",
     )
     module = cli.model
     assert isinstance(module, CausalLM) and cli.trainer.global_step == 2

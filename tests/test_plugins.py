@@ -6,6 +6,7 @@ import json
 from types import SimpleNamespace
 
 import lightning as L
+import peft_runs
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -24,33 +25,17 @@ from lightning_peft.quantization import (
     state_dict_bits,
 )
 
-from conftest import random_batch, tiny_gpt2, tiny_llama
+from conftest import fit_recipe, random_batch, tiny_gpt2, tiny_llama, tiny_llama_config
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster and immune to thread-pool contention on busy machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trainer(steps: int, callbacks: list, plugin: FourBitPrecision | None = None, **kw) -> L.Trainer:
-    kw.setdefault("enable_checkpointing", any(isinstance(c, ModelCheckpoint) for c in callbacks))
-    kw.setdefault("accelerator", "cpu")
-    return L.Trainer(
-        devices=1,
-        max_steps=steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-        plugins=[plugin] if plugin is not None else None,
-        **kw,
+    return peft_runs.trainer(
+        steps, callbacks=callbacks, plugins=[plugin] if plugin is not None else None, **kw
     )
 
 
@@ -218,17 +203,9 @@ class BuildsInConfigureModel(CausalLM):
     def configure_model(self) -> None:
         if hasattr(self, "backbone"):
             return
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaForCausalLM
 
-        cfg = LlamaConfig(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-        self.backbone = LlamaForCausalLM(cfg)
+        self.backbone = LlamaForCausalLM(tiny_llama_config())
         seen["quantized_while_building"] = sum(is_quantized(m) for m in self.backbone.modules())
         self.backbone.requires_grad_(False)
 
@@ -246,20 +223,12 @@ def test_model_built_in_configure_model_is_quantized_while_built():
 
 
 def test_trainer_init_module_quantizes_while_building():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     plugin = FourBitPrecision()
     trainer = _trainer(1, [], plugin)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
     with trainer.init_module():
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(tiny_llama_config(num_layers=1))
     assert sum(is_quantized(m) for m in model.modules()) == 7 and not is_quantized(model.lm_head)
 
 
@@ -431,23 +400,12 @@ def test_ddp_ranks_hold_the_same_four_bit_base_and_lora(tmp_path):
 
 # --------------------------------------------------------------------------- recipe
 def test_qlora_recipe_runs_two_steps_with_the_plugin(minilm_path, tmp_path, monkeypatch):
-    from pathlib import Path
-
-    from lightning_peft.cli import build_cli
-
-    monkeypatch.chdir(tmp_path)
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "minilm-sentiment" / "qlora.yaml"
-    cli = build_cli(
-        [
-            "fit",
-            "--config",
-            str(recipe),
-            "--trainer.max_steps=2",
-            "--trainer.limit_val_batches=1",
-            "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false",
-            f"--trainer.default_root_dir={tmp_path}",
-        ]
+    cli = fit_recipe(
+        "minilm-sentiment/qlora.yaml",
+        tmp_path,
+        monkeypatch,
+        "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=1",
     )
     plugin = cli.trainer.precision_plugin
     assert (

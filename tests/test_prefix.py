@@ -16,7 +16,7 @@ from lightning_peft.callbacks import PrefixTuning
 from lightning_peft.methods.base import applied_methods, count_parameters, trainable_named_parameters
 from lightning_peft.methods.prefix import PEFT_KEY, PrefixTuningConfig, find_prefix_encoder
 
-from conftest import random_batch, tiny_bert_classifier, tiny_gpt2, tiny_llama
+from conftest import fit_recipe, random_batch, tiny_bert_classifier, tiny_gpt2, tiny_llama
 
 P = 5
 
@@ -549,24 +549,8 @@ def test_to_peft_is_none_for_encoders_and_classifiers():
 # --------------------------------------------------------------------------- recipe
 @pytest.mark.slow
 def test_minilm_recipe_loads_and_trains_two_steps(tmp_path, monkeypatch, capsys):
-    from pathlib import Path
-
-    from lightning_peft.cli import main
-
-    recipe = Path(__file__).parents[1] / "recipes" / "minilm-sentiment" / "prefix.yaml"
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.chdir(tmp_path)
     overrides = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1"]
-    main(
-        [
-            "fit",
-            "--config",
-            str(recipe),
-            "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false",
-            *overrides,
-        ]
-    )
+    fit_recipe("minilm-sentiment/prefix.yaml", tmp_path, monkeypatch, *overrides)
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if "trainable params:" in x)
     assert "method: prefix" in line

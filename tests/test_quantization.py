@@ -28,14 +28,7 @@ from lightning_peft.quantization import (
 
 from conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster and immune to thread-pool contention on busy machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -159,9 +159,7 @@ def test_shard_backbone_rejects_tensor_parallel_meshes():
 
 
 # --------------------------------------------------------------------------- CUDA only
-# Two GPUs when there are, else one: a single-GPU machine still runs the strategy's wrapping,
-# sharded optimizer and checkpoint code paths (with a world of one).
-GPUS = min(torch.cuda.device_count(), 2) if torch.cuda.is_available() else 0
+GPUS = peft_runs.GPUS
 needs_a_gpu = pytest.mark.skipif(GPUS == 0, reason="needs a CUDA device")
 
 GPU_SCRIPT = """
