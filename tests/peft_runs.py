@@ -125,9 +125,9 @@ def trainer(
 
 def trained(module) -> dict[str, torch.Tensor]:
     """The delta tensors of ``module``, gathered in full (a collective under FSDP2), on the CPU."""
-    from lightning_peft.distributed import gather_trainable
+    from lightning_peft.persistence import gathered_delta_state_dict
 
-    return {k: v.detach().cpu().clone() for k, v in gather_trainable(module, full=True).items()}
+    return {k: v.detach().cpu().clone() for k, v in gathered_delta_state_dict(module).items()}
 
 
 def four_bit():

@@ -10,6 +10,7 @@ from torch import nn
 
 from lightning_peft import CausalLM, SequenceClassifier
 from lightning_peft.callbacks import Adapter
+from lightning_peft.methods import MethodError
 from lightning_peft.methods.adapter import AdapterLayer
 from lightning_peft.methods.base import (
     count_parameters,
@@ -93,7 +94,7 @@ def test_trainable_count_is_exactly_the_adapters(family, placement, train_layern
     trainable, total = count_parameters(model)
     assert trainable == expected
     names = trainable_parameter_names(model)
-    others = [n for n in names if ".adapter." not in n]
+    others = [n for n in names if ".adapters.default." not in n]
     if train_layernorm:
         assert others and all("norm" in n.lower() or ".ln_" in n for n in others)
     else:
@@ -109,7 +110,7 @@ def test_each_activation_starts_as_identity(activation):
     model = Adapter(bottleneck=4, activation=activation).apply(tiny_llama())
     torch.testing.assert_close(model(**batch).logits, reference, atol=1e-5, rtol=0)
     layer = model.model.layers[0].mlp.down_proj
-    assert type(layer.adapter.act).__name__.lower().startswith(activation[:3])
+    assert type(layer.adapters["default"].act).__name__.lower().startswith(activation[:3])
     assert layer.out_features == 64  # attributes still reach the wrapped projection
 
 
@@ -207,11 +208,11 @@ def test_training_moves_only_adapters(task):
     )
     trainable = set(trainable_parameter_names(module))
     after = module.state_dict()
-    head = {id(p) for n, p in module.named_parameters() if n in trainable and ".adapter." not in n}
+    head = {id(p) for n, p in module.named_parameters() if n in trainable and ".adapters.default." not in n}
     for name, param, before in frozen_before:
         if id(param) not in head:
             assert torch.equal(param, before), f"frozen tensor {name} changed"
-    ups = [n for n in trainable if n.endswith("adapter.up.weight")]
+    ups = [n for n in trainable if n.endswith("adapters.default.up.weight")]
     assert ups and all(after[n].abs().sum() > 0 for n in ups)  # zero-initialized, now trained
     module.eval()
     with torch.no_grad():
@@ -223,13 +224,16 @@ def test_apply_is_idempotent_and_refuses_a_different_config():
     n = count_parameters(model)
     Adapter(bottleneck=8).apply(model)
     assert count_parameters(model) == n
-    with pytest.raises(ValueError, match="already applied"):
+    with pytest.raises(ValueError, match="adapter named 'default' is already on this model"):
         Adapter(bottleneck=16).apply(model)
 
 
-def test_no_peft_equivalent():
+def test_no_peft_equivalent_and_no_merge_say_what_works():
     model = Adapter().apply(tiny_llama())
-    assert Adapter().to_peft(model) is None
+    with pytest.raises(MethodError, match="PEFT has no equivalent.*save_delta"):
+        Adapter().to_peft(model)
+    with pytest.raises(MethodError, match="nonlinear.*save_delta"):
+        Adapter().merge(model)
 
 
 @pytest.mark.parametrize(
@@ -313,8 +317,8 @@ save_rank(t, saved)
     for tag in ("adapter", "prompt"):
         assert bool(r0[f"{tag}/frozen_same"])
         assert int(r0[f"{tag}/moved"]) == int(r0[f"{tag}/count"])  # every trainable tensor moved
-    assert any(k.startswith("prompt/") and k.endswith("soft_prompt.weight") for k in r0)
-    assert any(k.startswith("adapter/") and ".adapter.up.weight" in k for k in r0)
+    assert any(k.startswith("prompt/") and k.endswith("soft_prompts.default.weight") for k in r0)
+    assert any(k.startswith("adapter/") and ".adapters.default.up.weight" in k for k in r0)
 
 
 def test_recipe_loads_and_runs_one_batch(tmp_path, monkeypatch, capsys):

@@ -18,10 +18,15 @@ import lightning_peft
 from lightning_peft import CausalLM, SequenceClassifier
 from lightning_peft.callbacks import LoRA, PartialFinetuning
 from lightning_peft.checkpointing import META_KEY
-from lightning_peft.delta import DeltaError, trainable_state_dict
-from lightning_peft.fingerprint import IGNORE_FINGERPRINT_ENV, FingerprintMismatchError, fingerprint
 from lightning_peft.methods.base import applied_methods, trainable_named_parameters
 from lightning_peft.methods.lora import LoRAConfig
+from lightning_peft.persistence import (
+    IGNORE_FINGERPRINT_ENV,
+    DeltaError,
+    FingerprintMismatchError,
+    delta_state_dict,
+    fingerprint,
+)
 
 from conftest import random_batch, tiny_bert_classifier, tiny_llama
 
@@ -82,7 +87,7 @@ def test_lora_checkpoint_holds_exactly_the_trainable_tensors(straight_run):
     names = [n for n, _ in trainable_named_parameters(module)]
     assert list(ckpt["state_dict"]) == names and len(names) == 2 * 7 * 2  # 2 blocks x 7 layers x (A, B)
     meta = ckpt[META_KEY]
-    assert meta["methods"] == [m.to_dict() for m in applied_methods(module)]
+    assert meta["adapters"] == [m.to_dict() for m in applied_methods(module)]
     assert meta["fingerprint"] == fingerprint(module)
     assert meta["versions"]["lightning_peft"] == lightning_peft.__version__
     trainable = sum(p.numel() for _, p in trainable_named_parameters(module))
@@ -99,13 +104,13 @@ _RESUME = textwrap.dedent(
     from safetensors.torch import save_file
     from test_checkpoint import _loader, _module, _trainer
     from lightning_peft.callbacks import LoRA
-    from lightning_peft.delta import trainable_state_dict
-    from lightning_peft.fingerprint import fingerprint
+    from lightning_peft.persistence import delta_state_dict
+    from lightning_peft.persistence import fingerprint
 
     module = _module()
     trainer = _trainer(8, [LoRA(r=4)])
     trainer.fit(module, _loader(), ckpt_path=sys.argv[1])
-    save_file({{k: v.contiguous() for k, v in trainable_state_dict(module).items()}}, sys.argv[2] + ".safetensors")
+    save_file({{k: v.contiguous() for k, v in delta_state_dict(module).items()}}, sys.argv[2] + ".safetensors")
     opt = trainer.optimizers[0]
     info = {{
         "global_step": trainer.global_step,
@@ -137,7 +142,7 @@ def test_resume_in_a_fresh_process_matches_straight_training(straight_run, tmp_p
     from safetensors.torch import load_file
 
     resumed = load_file(str(out) + ".safetensors")
-    straight = trainable_state_dict(module)
+    straight = delta_state_dict(module)
     assert list(resumed) and set(resumed) == set(straight)
     for name, value in straight.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
@@ -172,7 +177,7 @@ def test_top_k_and_last_checkpoints_are_delta_only_and_resume(tmp_path):
 
 def test_resuming_onto_another_base_names_the_difference(straight_run, monkeypatch):
     _, _, folder = straight_run
-    with pytest.raises(FingerprintMismatchError, match=r"q_proj\.base\.weight: values differ"):
+    with pytest.raises(FingerprintMismatchError, match=r"q_proj\.base_layer\.weight: values differ"):
         _trainer(8, [LoRA(r=4)]).fit(_module(seed=1), _loader(), ckpt_path=folder / "step=4.ckpt")
     monkeypatch.setenv(IGNORE_FINGERPRINT_ENV, "1")
     trainer = _trainer(5, [LoRA(r=4)])
@@ -243,7 +248,7 @@ def test_sequence_classifier_load_from_checkpoint_keeps_the_trained_head(tmp_pat
     trainer.save_checkpoint(tmp_path / "run.ckpt")
     state = _load(tmp_path / "run.ckpt")["state_dict"]
     assert {"backbone.classifier.weight", "backbone.classifier.bias"} <= set(state)
-    assert set(state) == set(trainable_state_dict(module))
+    assert set(state) == set(delta_state_dict(module))
     loaded = SequenceClassifier.load_from_checkpoint(tmp_path / "run.ckpt")
     torch.testing.assert_close(_logits(loaded), _logits(module), rtol=0, atol=0)
 
@@ -270,8 +275,8 @@ def test_callbacks_make_any_module_save_deltas_and_resume(tmp_path, weights_only
     callbacks = [LoRA(r=4), PartialFinetuning(parts=["layernorm"]), saver]
     _trainer(3, callbacks).fit(module, _loader())
     ckpt = _load(tmp_path / "last.ckpt")
-    assert list(ckpt["state_dict"]) == list(trainable_state_dict(module))
-    assert [m["method"] for m in ckpt[META_KEY]["methods"]] == ["lora", "partial"]
+    assert list(ckpt["state_dict"]) == list(delta_state_dict(module))
+    assert [m["method"] for m in ckpt[META_KEY]["adapters"]] == ["lora", "partial"]
     if weights_only:
         return
     again = _Plain()
@@ -294,5 +299,5 @@ def test_with_several_method_callbacks_only_the_first_does_checkpoint_work():
     lora.on_save_checkpoint(trainer, module, checkpoint)
     assert META_KEY not in checkpoint and len(checkpoint["state_dict"]) == len(module.state_dict())
     partial.on_save_checkpoint(trainer, module, checkpoint)
-    assert list(checkpoint["state_dict"]) == list(trainable_state_dict(module))
-    assert [m["method"] for m in checkpoint[META_KEY]["methods"]] == ["lora", "partial"]
+    assert list(checkpoint["state_dict"]) == list(delta_state_dict(module))
+    assert [m["method"] for m in checkpoint[META_KEY]["adapters"]] == ["lora", "partial"]

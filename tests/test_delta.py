@@ -19,17 +19,17 @@ from torch import nn
 
 import lightning_peft
 from lightning_peft import CausalLM, load_delta, save_delta
-from lightning_peft.delta import CorruptDeltaError, DeltaError, read_delta, trainable_state_dict
-from lightning_peft.fingerprint import (
+from lightning_peft.methods import REGISTRY, Method, applied_methods, declare_trainable, register
+from lightning_peft.methods.lora import LoRAConfig
+from lightning_peft.methods.partial import PartialFinetuningConfig
+from lightning_peft.persistence import CorruptDeltaError, DeltaError, delta_state_dict, read_delta
+from lightning_peft.persistence.fingerprint import (
     IGNORE_FINGERPRINT_ENV,
     FingerprintMismatchError,
     _sample,
     fingerprint,
     fingerprint_mismatches,
 )
-from lightning_peft.methods.base import REGISTRY, Method, applied_methods, declare_trainable, register
-from lightning_peft.methods.lora import LoRAConfig
-from lightning_peft.methods.partial import PartialFinetuningConfig
 
 from conftest import random_batch, tiny_bert_classifier, tiny_gpt2, tiny_llama
 
@@ -40,19 +40,19 @@ TESTS = Path(__file__).parent
 class _Shift(nn.Module):
     """Trainable shift plus a persistent step counter; declared trainable as a whole."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, adapter: str) -> None:
         super().__init__()
         self.shift = nn.Parameter(torch.zeros(width))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("scratch", torch.zeros(2), persistent=False)
-        declare_trainable(self)
+        declare_trainable(self, adapter=adapter)
 
 
 class _Shifted(nn.Module):
-    def __init__(self, inner: nn.Module, width: int) -> None:
+    def __init__(self, inner: nn.Module, width: int, adapter: str) -> None:
         super().__init__()
         self.inner = inner
-        self.delta = _Shift(width)
+        self.delta = _Shift(width, adapter)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., width)
         return self.inner(x) + self.delta.shift
@@ -65,10 +65,11 @@ class _ShiftConfig(Method):
     width: int = 64
 
     name = "test_shift"
+    callback_name = "TestShift"
 
-    def _apply(self, model: nn.Module) -> None:
+    def inject(self, model: nn.Module) -> None:
         owner = next(m for m in model.modules() if hasattr(m, "norm") and hasattr(m, "layers"))
-        owner.norm = _Shifted(owner.norm, self.width)
+        owner.norm = _Shifted(owner.norm, self.width, self.adapter_name)
 
 
 @pytest.fixture
@@ -89,7 +90,7 @@ def _perturb(model: nn.Module, seed: int = 3) -> None:
     """Give every trainable tensor non-trivial values (as training would)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, t in sorted(trainable_state_dict(model, keep_vars=True).items()):
+        for _, t in sorted(delta_state_dict(model, keep_vars=True).items()):
             if t.dtype.is_floating_point:
                 t.copy_(torch.randn(t.shape, generator=g) * 0.1)
             else:
@@ -110,16 +111,16 @@ def _assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None
 # --------------------------------------------------------------------------- trainable state
 def test_trainable_state_holds_declared_params_and_owned_persistent_buffers(shift_method):
     model = shift_method().apply(tiny_llama())
-    state = trainable_state_dict(model)
+    state = delta_state_dict(model)
     assert list(state) == ["model.norm.delta.shift", "model.norm.delta.updates"]
     assert not any(t.requires_grad for t in state.values())  # detached copies of references
-    held = trainable_state_dict(model, keep_vars=True)
+    held = delta_state_dict(model, keep_vars=True)
     assert held["model.norm.delta.shift"] is model.model.norm.delta.shift
 
 
 def test_trainable_state_of_lora_is_exactly_the_adapter():
     model = LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]).apply(tiny_llama())
-    names = list(trainable_state_dict(model))
+    names = list(delta_state_dict(model))
     assert len(names) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
     assert all(n.endswith((".lora_a", ".lora_b")) for n in names)
 
@@ -136,8 +137,8 @@ def test_trainable_state_names_skip_checkpoint_wrapper_levels():
     for i, block in enumerate(layers):  # what activation checkpointing / FSDP1 auto-wrapping do
         layers[i] = checkpoint_wrapper(block)
     assert any("_checkpoint_wrapped_module" in n for n, _ in wrapped.named_parameters())
-    names = list(trainable_state_dict(wrapped))
-    assert names == list(trainable_state_dict(plain))
+    names = list(delta_state_dict(wrapped))
+    assert names == list(delta_state_dict(plain))
     assert set(names) <= set(wrapped.state_dict())  # the names state_dict() uses
 
 
@@ -158,7 +159,7 @@ def test_fingerprint_covers_only_frozen_tensors_and_matches_by_position():
     model = LoRAConfig(r=4).apply(tiny_llama())
     fp = fingerprint(model)
     names = [e["name"] for e in fp["tensors"]]
-    assert "model.layers.0.self_attn.q_proj.base.weight" in names
+    assert "model.layers.0.self_attn.q_proj.base_layer.weight" in names
     assert not any("lora" in n for n in names)
     wrapped = CausalLM(LoRAConfig(r=4).apply(tiny_llama()))
     assert fingerprint_mismatches(fp, fingerprint(wrapped)) == []  # other prefix, same base
@@ -181,13 +182,13 @@ def test_fingerprint_samples_without_materializing():
 
 
 def test_fingerprint_of_4bit_base_is_stable_and_matches_its_original():
+    from lightning_peft.core.targeting import replace_module
     from lightning_peft.quantization import quantize_linear
-    from lightning_peft.targeting import replace_module
 
     def quantized(seed: int) -> nn.Module:
         model = LoRAConfig(r=4).apply(tiny_gpt2(seed=seed))
         for name, module in list(model.named_modules()):
-            if name.endswith(".base"):
+            if name.endswith(".base_layer"):
                 replace_module(model, name, quantize_linear(module, compute_dtype=torch.float32))
         return model
 
@@ -203,7 +204,7 @@ def test_fingerprint_of_4bit_base_is_stable_and_matches_its_original():
     assert fingerprint(q) == fq
     other = fingerprint(quantized(1))
     assert any(
-        "c_attn.base.weight: values differ" in p for p in fingerprint_mismatches(full, other)
+        "c_attn.base_layer.weight: values differ" in p for p in fingerprint_mismatches(full, other)
     )  # another base is told apart across precisions too
 
 
@@ -216,13 +217,13 @@ def test_save_and_load_into_a_fresh_base_restores_outputs(tmp_path):
     files = sorted(p.name for p in (tmp_path / "d").iterdir())
     assert files[0].startswith("delta-") and files[1:] == ["manifest.json"] and len(files) == 2
     manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
-    assert manifest["methods"] == [m.to_dict() for m in applied_methods(model)]
+    assert manifest["adapters"] == [m.to_dict() for m in applied_methods(model)]
     assert set(manifest["versions"]) == {"lightning_peft", "torch", "transformers"}
-    assert set(manifest["tensors"]) == set(trainable_state_dict(model))
+    assert set(manifest["tensors"]) == set(delta_state_dict(model))
     assert manifest["fingerprint"] == fingerprint(model)
     fresh = tiny_llama()
     assert load_delta(fresh, tmp_path / "d") is fresh
-    assert [m.to_dict() for m in applied_methods(fresh)] == manifest["methods"]
+    assert [m.to_dict() for m in applied_methods(fresh)] == manifest["adapters"]
     torch.testing.assert_close(_logits(fresh), expected, rtol=0, atol=0)
     # Loading again into the model that now carries the method is fine too.
     load_delta(fresh, tmp_path / "d")
@@ -266,14 +267,17 @@ def test_another_base_is_refused_by_name_and_left_untouched(tmp_path, monkeypatc
     save_delta(model, tmp_path)
     other = tiny_llama(seed=1)
     before = _snapshot(other)
-    with pytest.raises(FingerprintMismatchError, match="q_proj.base.weight: values differ") as err:
+    with pytest.raises(FingerprintMismatchError, match="q_proj.base_layer.weight: values differ") as err:
         load_delta(other, tmp_path)
     assert "strict_fingerprint=False" in str(err.value) and IGNORE_FINGERPRINT_ENV in str(err.value)
     assert applied_methods(other) == []
     _assert_unchanged(other, before)
     with pytest.warns(UserWarning, match="base model differs"):
         load_delta(other, tmp_path, strict_fingerprint=False)
-    assert torch.equal(other.model.layers[1].mlp.up_proj.lora_b, model.model.layers[1].mlp.up_proj.lora_b)
+    assert torch.equal(
+        other.model.layers[1].mlp.up_proj.lora["default"].lora_b,
+        model.model.layers[1].mlp.up_proj.lora["default"].lora_b,
+    )
     monkeypatch.setenv(IGNORE_FINGERPRINT_ENV, "1")
     with pytest.warns(UserWarning, match="base model differs"):
         load_delta(tiny_llama(seed=2), tmp_path)
@@ -321,8 +325,8 @@ def test_manifest_cannot_name_paths_or_code(tmp_path):
     original = (tmp_path / "manifest.json").read_text()
     for field, value, error in [
         ("file", "../delta-0123456789abcdef.safetensors", "'file' must name"),
-        ("methods", [{"method": "os.system", "command": "echo hi"}], "unknown method 'os.system'"),
-        ("methods", [{"method": "lora", "r": 4, "__init__": 1}], "no option"),
+        ("adapters", [{"method": "os.system", "command": "echo hi"}], "unknown method 'os.system'"),
+        ("adapters", [{"method": "lora", "r": 4, "__init__": 1}], "no option"),
         ("format_version", 99, "format_version 99 is not supported"),
     ]:
         manifest = json.loads(original)
@@ -342,7 +346,7 @@ def test_save_refuses_foreign_folders_merged_layers_and_untrained_models(tmp_pat
     model = LoRAConfig(r=4).apply(tiny_llama())
     with pytest.raises(ValueError, match="not part of a delta"):
         save_delta(model, tmp_path)
-    model.model.layers[0].self_attn.q_proj.merge()
+    model.model.layers[0].self_attn.q_proj.merge_adapter("default")
     with pytest.raises(ValueError, match="unmerge"):
         save_delta(model, tmp_path / "d")
     with pytest.raises(ValueError, match="no declared-trainable"):
@@ -358,13 +362,13 @@ _SAVER = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from conftest import tiny_llama
     from lightning_peft import save_delta
-    from lightning_peft.delta import trainable_state_dict
-    from lightning_peft.fingerprint import fingerprint
+    from lightning_peft.persistence import delta_state_dict
+    from lightning_peft.persistence import fingerprint
     from lightning_peft.methods.lora import LoRAConfig
 
     folder = sys.argv[1]
     model = LoRAConfig(r=4).apply(tiny_llama())
-    tensors = list(trainable_state_dict(model, keep_vars=True).values())
+    tensors = list(delta_state_dict(model, keep_vars=True).values())
     print("fingerprint", fingerprint(model)["digest"], flush=True)
     for line in sys.stdin:  # one forked saver per line; the test kills it
         start = int(line)
@@ -392,7 +396,7 @@ def test_saver_killed_at_random_moments_always_leaves_a_loadable_generation(tmp_
     folder = tmp_path / "delta"
     model = LoRAConfig(r=4).apply(tiny_llama())
     with torch.no_grad():
-        for t in trainable_state_dict(model, keep_vars=True).values():
+        for t in delta_state_dict(model, keep_vars=True).values():
             t.fill_(0)
     save_delta(model, folder)  # generation 0: the folder always holds a complete delta
     proc = subprocess.Popen(
@@ -417,9 +421,9 @@ def test_saver_killed_at_random_moments_always_leaves_a_loadable_generation(tmp_
             assert proc.stdout.readline().strip() == "reaped"
             assert all(p.suffix in (".json", ".safetensors") for p in folder.iterdir())
             loaded = load_delta(tiny_llama(), folder)
-            values = {float(t.flatten()[0]) for t in trainable_state_dict(loaded).values()}
-            values |= {float(t.min()) for t in trainable_state_dict(loaded).values()}
-            values |= {float(t.max()) for t in trainable_state_dict(loaded).values()}
+            values = {float(t.flatten()[0]) for t in delta_state_dict(loaded).values()}
+            values |= {float(t.min()) for t in delta_state_dict(loaded).values()}
+            values |= {float(t.max()) for t in delta_state_dict(loaded).values()}
             assert len(values) == 1, f"a mix of generations: {values}"
             generation = int(values.pop())
             assert generation >= seen[-1]  # never goes back to an older generation

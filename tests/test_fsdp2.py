@@ -24,7 +24,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import FSDPModule
 
 import peft_runs as p
-from lightning_peft.quantization import is_quantized
+from lightning_peft.core.layers import is_4bit
 
 
 def fsdp2(**kw):
@@ -62,7 +62,7 @@ for kind, kw in (("sharded", {}), ("file", {"save_distributed_checkpoint": False
 t, module = fit("lora", fsdp2(), plugins=[p.four_bit()])
 out.update({f"qlora/{k}": v for k, v in p.trained(module).items()})
 t.save_checkpoint("qlora.ckpt")
-layers = [m for m in module.modules() if is_quantized(m)]
+layers = [m for m in module.modules() if is_4bit(m)]
 out["qlora_layers"] = torch.tensor(len(layers))
 out["qlora_sharded"] = torch.tensor(all(hasattr(m.weight, "device_mesh") for m in layers))
 torch.save(out, f"rank{t.global_rank}.pt")
@@ -146,7 +146,7 @@ def test_fsdp2_single_file_delta_checkpoint_resumes(fsdp2):
 @pytest.mark.slow
 def test_fsdp2_checkpoint_loads_and_resumes_in_one_process(fsdp2, tmp_path):
     from lightning_peft import SequenceClassifier
-    from lightning_peft.distributed import consolidate_checkpoint
+    from lightning_peft.strategies import consolidate_checkpoint
 
     (r0, _), tmp = fsdp2
     out = tmp_path / "one.ckpt"
@@ -174,7 +174,7 @@ def test_qlora_trains_under_fsdp2_like_one_process(fsdp2):
 @pytest.mark.slow
 def test_qlora_fsdp2_checkpoint_fingerprints_the_4bit_base_and_loads_in_one_process(fsdp2, tmp_path):
     from lightning_peft import SequenceClassifier
-    from lightning_peft.distributed import consolidate_checkpoint
+    from lightning_peft.strategies import consolidate_checkpoint
 
     (r0, _), tmp = fsdp2
     checkpoint = consolidate_checkpoint(tmp / "qlora.ckpt", tmp_path / "qlora.ckpt")
@@ -204,26 +204,27 @@ def test_quantizing_after_sharding_is_refused_with_the_fix():
         check_strategy(strategy, [("a", plain), ("b", sharded)], sharding_next=True)
 
 
-def test_sample_sharded_reads_plain_tensors_at_flat_positions():
-    from lightning_peft.distributed import sample_sharded
+def test_sample_positions_reads_plain_tensors_at_flat_positions():
+    from lightning_peft.core.sharded import sample_positions
 
     t = torch.arange(12.0).reshape(3, 4)
-    assert sample_sharded(t, [0, 5, 11]).tolist() == [0.0, 5.0, 11.0]
-    assert sample_sharded(t.T, [1]).tolist() == [4.0]
+    assert sample_positions(t, [0, 5, 11]).tolist() == [0.0, 5.0, 11.0]
+    assert sample_positions(t.T, [1]).tolist() == [4.0]
 
 
-def test_load_trainable_checks_keys_and_shapes():
-    from lightning_peft.distributed import gather_trainable, load_trainable
+def test_the_restore_path_checks_keys_and_shapes_before_copying():
+    from lightning_peft.persistence import DeltaError, build_record, gathered_delta_state_dict, restore
 
     module, _ = peft_runs.build("lora")
-    state = {k: torch.ones_like(v) for k, v in gather_trainable(module, full=True).items()}
-    load_trainable(module, state)
-    assert all(torch.equal(v, state[k]) for k, v in gather_trainable(module, full=True).items())
+    state = {k: torch.ones_like(v) for k, v in gathered_delta_state_dict(module).items()}
+    record = build_record(module, state)
+    restore(module, record, state, where="test")
+    assert all(torch.equal(v, state[k]) for k, v in gathered_delta_state_dict(module).items())
     first = next(iter(state))
-    with pytest.raises(KeyError, match="missing"):
-        load_trainable(module, {k: v for k, v in state.items() if k != first})
-    with pytest.raises(ValueError, match="shape"):
-        load_trainable(module, {**state, first: torch.ones(1)})
+    with pytest.raises(DeltaError, match="missing"):
+        restore(module, record, {k: v for k, v in state.items() if k != first}, where="test")
+    with pytest.raises(DeltaError, match="shape"):
+        restore(module, record, {**state, first: torch.ones(1)}, where="test")
 
 
 # --------------------------------------------------------------------------- CUDA only

@@ -18,7 +18,8 @@ from lightning_peft.methods.base import (
     trainable_named_parameters,
     trainable_parameter_names,
 )
-from lightning_peft.methods.lora import LoRAConfig, LoRALinear, _DroppedLowRank, keep_mask, lora_layers
+from lightning_peft.methods.lora import LoRAConfig, LoRALinear, lora_layer, lora_layers
+from lightning_peft.methods.lora_kernels import DroppedLowRank, keep_mask
 
 from conftest import RECIPES, fit_recipe, random_batch, tiny_bert_classifier, tiny_gpt2, tiny_llama
 
@@ -47,13 +48,17 @@ def _perturb(model: nn.Module, std: float = 0.05, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in lora_layers(model):
-            layer.lora_b.copy_(torch.randn(layer.lora_b.shape, generator=g) * std)
-            if layer.magnitude is not None:
-                layer.magnitude.mul_(1 + 0.1 * torch.randn(layer.magnitude.shape, generator=g))
+            layer.lora["default"].lora_b.copy_(
+                torch.randn(layer.lora["default"].lora_b.shape, generator=g) * std
+            )
+            if layer.lora["default"].magnitude is not None:
+                layer.lora["default"].magnitude.mul_(
+                    1 + 0.1 * torch.randn(layer.lora["default"].magnitude.shape, generator=g)
+                )
 
 
 def _linear_names(model: nn.Module) -> set[str]:
-    from lightning_peft.targeting import LINEAR_TYPES
+    from lightning_peft.core.targeting import LINEAR_TYPES
 
     return {n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
 
@@ -121,7 +126,7 @@ def test_exclude_modules_and_regex_targets():
 def test_trainable_names_are_only_lora_and_base_is_frozen():
     model = LoRA(r=4, target_modules=["q_proj", "v_proj"]).apply(tiny_llama())
     names = set(trainable_parameter_names(model))
-    assert names == {f"{n}.lora_{ab}" for n, _ in lora_layers(model) for ab in "ab"}
+    assert names == {f"{n}.lora.default.lora_{ab}" for n, _ in lora_layers(model) for ab in "ab"}
     assert all(not p.requires_grad for n, p in model.named_parameters() if n not in names)
     # r * (in + out) per layer: q is 64x64, v is 64x32 (grouped-query attention)
     assert count_parameters(model)[0] == 2 * (4 * (64 + 64) + 4 * (64 + 32))
@@ -158,9 +163,26 @@ def test_bad_arguments_fail_at_construction(kwargs, message):
 
 
 def test_bad_targets_fail_at_apply_naming_the_fix():
-    with pytest.raises(ValueError, match="matched no layer.*q_proj") as info:
+    with pytest.raises(ValueError, match="matches no module.*q_proj") as info:
         LoRA(target_modules=["query"]).apply(tiny_llama())
     assert "v_proj" in str(info.value)
+
+
+def test_a_typo_in_a_target_list_is_refused_with_a_suggestion():
+    with pytest.raises(ValueError, match=r"entry 'v_prj' matches no module.*did you mean 'v_proj'"):
+        LoRA(target_modules=["q_proj", "v_prj"]).apply(tiny_llama())
+    with pytest.raises(ValueError, match=r"exclude_modules entry 'o_prj'"):
+        LoRA(target_modules="all-linear", exclude_modules=["o_prj"]).apply(tiny_llama())
+
+
+def test_an_anchored_regex_picks_the_same_layers_through_the_callback():
+    regex = r"model\.layers\.\d+\.self_attn\.(q|v)_proj"
+    bare = LoRA(target_modules=regex).apply(tiny_llama())
+    module = CausalLM(tiny_llama())
+    LoRA(target_modules=regex).apply(module)
+    want = {n for n, _ in lora_layers(bare)}
+    assert len(want) == 4
+    assert {n.removeprefix("backbone.") for n, _ in lora_layers(module)} == want
     with pytest.raises(ValueError, match="cannot adapt.*Embedding"):
         LoRA(target_modules=["embed_tokens"]).apply(tiny_llama())
 
@@ -170,8 +192,8 @@ def test_applying_twice_is_a_no_op_or_an_error():
     before = len(lora_layers(model))
     LoRA(r=2, target_modules=["q_proj"]).apply(model)
     assert len(lora_layers(model)) == before
-    assert not any(isinstance(m.base, LoRALinear) for _, m in lora_layers(model))
-    with pytest.raises(ValueError, match="already applied"):
+    assert not any(isinstance(m.base_layer, LoRALinear) for _, m in lora_layers(model))
+    with pytest.raises(ValueError, match="adapter named 'default' is already on this model"):
         LoRA(r=4, target_modules=["q_proj"]).apply(model)
 
 
@@ -184,33 +206,39 @@ def test_init_follows_the_paper_and_leaves_the_model_unchanged():
     assert torch.equal(model(**batch).logits, ref)
     for _, layer in lora_layers(model):
         bound = 1 / math.sqrt(layer.in_features)  # kaiming_uniform(a=sqrt(5)) like nn.Linear
-        assert layer.lora_a.abs().max() <= bound and layer.lora_a.std() > bound / 4
-        assert torch.count_nonzero(layer.lora_b) == 0
-        assert layer.scale == 2.0
+        assert (
+            layer.lora["default"].lora_a.abs().max() <= bound
+            and layer.lora["default"].lora_a.std() > bound / 4
+        )
+        assert torch.count_nonzero(layer.lora["default"].lora_b) == 0
+        assert layer.lora["default"].scale == 2.0
     rs = LoRA(r=4, alpha=8, use_rslora=True).apply(tiny_llama())
-    assert all(layer.scale == 4.0 for _, layer in lora_layers(rs))
+    assert all(layer.lora["default"].scale == 4.0 for _, layer in lora_layers(rs))
 
 
 def test_forward_is_base_plus_scaled_low_rank():
     base = nn.Linear(16, 8)
-    layer = LoRALinear(base, r=2, alpha=6)
-    nn.init.normal_(layer.lora_b)
+    layer = lora_layer(base, r=2, alpha=6)
+    nn.init.normal_(layer.lora["default"].lora_b)
     x = torch.randn(3, 5, 16)
-    expected = base(x) + 3.0 * (x @ layer.lora_a.T @ layer.lora_b.T)
+    expected = base(x) + 3.0 * (x @ layer.lora["default"].lora_a.T @ layer.lora["default"].lora_b.T)
     torch.testing.assert_close(layer(x), expected)
 
 
 def test_adapter_params_follow_the_layer_device_and_dtype():
     base = nn.Linear(16, 8, dtype=torch.bfloat16)
-    layer = LoRALinear(base, r=2, alpha=4, use_dora=True)
-    assert {p.dtype for p in (layer.lora_a, layer.lora_b, layer.magnitude)} == {torch.bfloat16}
+    layer = lora_layer(base, r=2, alpha=4, use_dora=True)
+    assert {
+        p.dtype
+        for p in (layer.lora["default"].lora_a, layer.lora["default"].lora_b, layer.lora["default"].magnitude)
+    } == {torch.bfloat16}
     x = torch.randn(2, 16, dtype=torch.bfloat16)
     assert layer(x).dtype == torch.bfloat16
 
 
 # --------------------------------------------------------------------------- dropout
 def test_zero_dropout_adds_no_dropout_op_to_the_graph():
-    layer = LoRALinear(nn.Linear(16, 8), r=2, alpha=4).train()
+    layer = lora_layer(nn.Linear(16, 8), r=2, alpha=4).train()
     out = layer(torch.randn(4, 16, requires_grad=True))
     seen, stack = set(), [out.grad_fn]
     while stack:
@@ -227,17 +255,22 @@ def test_zero_dropout_adds_no_dropout_op_to_the_graph():
 def test_dropout_path_matches_autograd_reference():
     torch.manual_seed(0)
     base = nn.Linear(16, 8)
-    layer = LoRALinear(base, r=3, alpha=6, dropout=0.3).train()
-    nn.init.normal_(layer.lora_b)
+    layer = lora_layer(base, r=3, alpha=6, dropout=0.3).train()
+    nn.init.normal_(layer.lora["default"].lora_b)
     x = torch.randn(2, 5, 16, requires_grad=True)
     torch.manual_seed(7)
     out = layer(x)
     out.square().sum().backward()
-    ours = (out.detach(), x.grad.clone(), layer.lora_a.grad.clone(), layer.lora_b.grad.clone())
+    ours = (
+        out.detach(),
+        x.grad.clone(),
+        layer.lora["default"].lora_a.grad.clone(),
+        layer.lora["default"].lora_b.grad.clone(),
+    )
 
     x.grad = None
-    a = layer.lora_a.detach().clone().requires_grad_()
-    b = layer.lora_b.detach().clone().requires_grad_()
+    a = layer.lora["default"].lora_a.detach().clone().requires_grad_()
+    b = layer.lora["default"].lora_b.detach().clone().requires_grad_()
     torch.manual_seed(7)
     mask = keep_mask(x, 0.7)  # the same draws as inside the layer
     assert 0 < int(mask.sum()) < mask.numel()
@@ -264,8 +297,8 @@ def test_keep_mask_is_bernoulli(keep):
 
 
 def test_dropout_is_off_in_eval_and_under_autocast_gradients_flow():
-    layer = LoRALinear(nn.Linear(16, 8), r=2, alpha=4, dropout=0.5)
-    nn.init.normal_(layer.lora_b)
+    layer = lora_layer(nn.Linear(16, 8), r=2, alpha=4, dropout=0.5)
+    nn.init.normal_(layer.lora["default"].lora_b)
     x = torch.randn(4, 16)
     layer.eval()
     assert torch.equal(layer(x), layer(x))
@@ -274,8 +307,11 @@ def test_dropout_is_off_in_eval_and_under_autocast_gradients_flow():
         out = layer(x)
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
-    assert layer.lora_a.grad is not None and layer.lora_a.grad.dtype == torch.float32
-    assert layer.lora_b.grad.abs().sum() > 0
+    assert (
+        layer.lora["default"].lora_a.grad is not None
+        and layer.lora["default"].lora_a.grad.dtype == torch.float32
+    )
+    assert layer.lora["default"].lora_b.grad.abs().sum() > 0
 
 
 def test_dropped_low_rank_handles_no_input_grad():
@@ -283,7 +319,7 @@ def test_dropped_low_rank_handles_no_input_grad():
     result = torch.zeros(3, 4)
     a = torch.randn(2, 6, requires_grad=True)
     b = torch.randn(4, 2, requires_grad=True)
-    _DroppedLowRank.apply(x, result, a, b, 0.2, 1.5).sum().backward()
+    DroppedLowRank.apply(x, result, a, b, 0.2, 1.5).sum().backward()
     assert a.grad.shape == a.shape and b.grad.shape == b.shape
 
 
@@ -300,22 +336,23 @@ def test_dora_starts_at_the_base_output_and_counts_magnitudes(factory):
     assert count_parameters(model)[0] == count_parameters(lora)[0] + rows
     for _, layer in lora_layers(model):
         torch.testing.assert_close(
-            layer.magnitude, layer.base.weight.norm(dim=-1 if isinstance(layer.base, nn.Linear) else 0)
+            layer.lora["default"].magnitude,
+            layer.base_layer.weight.norm(dim=-1 if isinstance(layer.base_layer, nn.Linear) else 0),
         )
 
 
 def test_dora_weight_norm_is_detached():
-    layer = LoRALinear(nn.Linear(12, 6), r=2, alpha=2, use_dora=True)
-    nn.init.normal_(layer.lora_b)
+    layer = lora_layer(nn.Linear(12, 6), r=2, alpha=2, use_dora=True)
+    nn.init.normal_(layer.lora["default"].lora_b)
     x = torch.randn(5, 12)
     layer(x).sum().backward()
-    got = layer.lora_b.grad.clone()
+    got = layer.lora["default"].lora_b.grad.clone()
     # Reference: the same formula with the norm as a constant.
-    a = layer.lora_a.detach().requires_grad_()
-    b = layer.lora_b.detach().requires_grad_()
-    w = layer.base.weight
+    a = layer.lora["default"].lora_a.detach().requires_grad_()
+    b = layer.lora["default"].lora_b.detach().requires_grad_()
+    w = layer.base_layer.weight
     norm = (w + b.detach() @ a.detach()).norm(dim=1)
-    out = (layer.magnitude.detach() / norm) * (x @ (w + b @ a).T) + layer.base.bias
+    out = (layer.lora["default"].magnitude.detach() / norm) * (x @ (w + b @ a).T) + layer.base_layer.bias
     out.sum().backward()
     torch.testing.assert_close(got, b.grad)
 
@@ -327,13 +364,13 @@ def _snapshot(module: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor]]
 
 
 def _assert_only_adapters_moved(module: nn.Module, snapshot, trainable_heads=()):
-    """Every base tensor (followed by identity, since LoRA renames q_proj.weight to q_proj.base.weight)
+    """Every base tensor (followed by identity, since LoRA renames q_proj.weight to q_proj.base_layer.weight)
     is bit-identical; at least one B moved."""
     for name, live, copy in snapshot:
         if name in trainable_heads:
             continue
         assert torch.equal(live, copy), f"frozen tensor {name} changed"
-    assert any(torch.count_nonzero(layer.lora_b) for _, layer in lora_layers(module))
+    assert any(torch.count_nonzero(layer.lora["default"].lora_b) for _, layer in lora_layers(module))
 
 
 @pytest.mark.parametrize(
@@ -405,8 +442,10 @@ def test_user_module_building_in_configure_model():
     _trainer(2, [LoRA(r=2, target_modules=["q_proj", "v_proj"])]).fit(module, train_dataloaders=_loader("lm"))
     layers = lora_layers(module)
     assert len(layers) == 4
-    assert set(trainable_parameter_names(module)) == {f"{n}.lora_{ab}" for n, _ in layers for ab in "ab"}
-    assert any(torch.count_nonzero(layer.lora_b) for _, layer in layers)
+    assert set(trainable_parameter_names(module)) == {
+        f"{n}.lora.default.lora_{ab}" for n, _ in layers for ab in "ab"
+    }
+    assert any(torch.count_nonzero(layer.lora["default"].lora_b) for _, layer in layers)
 
 
 @pytest.mark.slow
@@ -444,7 +483,7 @@ def test_four_bit_base_forward_merge_refusal_and_export(tmp_path):
     model = LoRA(r=4, target_modules=["q_proj", "v_proj"], use_dora=True).apply(tiny_llama())
     _perturb(model)
     for _, layer in lora_layers(model):
-        layer.base = quantization.quantize_linear(layer.base, compute_dtype=torch.float32)
+        layer.base_layer = quantization.quantize_linear(layer.base_layer, compute_dtype=torch.float32)
     batch = random_batch()
     with torch.no_grad():
         ref = model(**batch).logits
@@ -577,9 +616,11 @@ def test_instruct_recipe_runs_two_steps(tmp_path, monkeypatch):
     module = cli.model
     assert isinstance(module, CausalLM) and cli.trainer.global_step == 2
     layers = lora_layers(module)
-    assert len(layers) == 2 * 7 and any(torch.count_nonzero(layer.lora_b) for _, layer in layers)
+    assert len(layers) == 2 * 7 and any(
+        torch.count_nonzero(layer.lora["default"].lora_b) for _, layer in layers
+    )
     # the random base is seeded: rebuilding it gives the same frozen weights
     fresh = CausalLM(str(RECIPES / "instruct-lm" / "tiny-llama"), init="random")
     for name, layer in layers:
-        torch.testing.assert_close(layer.base.weight, fresh.get_submodule(name).weight, rtol=0, atol=0)
+        torch.testing.assert_close(layer.base_layer.weight, fresh.get_submodule(name).weight, rtol=0, atol=0)
     assert list(tmp_path.rglob("*.ckpt"))

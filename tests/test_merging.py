@@ -20,14 +20,18 @@ def _adapted(factory=tiny_llama, seed: int = 0, **kwargs) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in lora_layers(model):
-            layer.lora_b.copy_(torch.randn(layer.lora_b.shape, generator=g) * 0.05)
-            if layer.magnitude is not None:
-                layer.magnitude.mul_(1 + 0.1 * torch.randn(layer.magnitude.shape, generator=g))
+            layer.lora["default"].lora_b.copy_(
+                torch.randn(layer.lora["default"].lora_b.shape, generator=g) * 0.05
+            )
+            if layer.lora["default"].magnitude is not None:
+                layer.lora["default"].magnitude.mul_(
+                    1 + 0.1 * torch.randn(layer.lora["default"].magnitude.shape, generator=g)
+                )
     return model
 
 
 def _base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: layer.base.weight.detach().clone() for n, layer in lora_layers(model)}
+    return {n: layer.base_layer.weight.detach().clone() for n, layer in lora_layers(model)}
 
 
 def _logits(model: nn.Module, batch=None) -> torch.Tensor:
@@ -46,11 +50,11 @@ def test_merge_is_idempotent_and_skips_the_adapter_path():
     # while merged the adapter path does not run: changing B changes nothing
     with torch.no_grad():
         for _, layer in lora_layers(model):
-            layer.lora_b.add_(1.0)
+            layer.lora["default"].lora_b.add_(1.0)
     torch.testing.assert_close(_logits(model), ref, atol=1e-4, rtol=0)
     with torch.no_grad():
         for _, layer in lora_layers(model):
-            layer.lora_b.sub_(1.0)
+            layer.lora["default"].lora_b.sub_(1.0)
     unmerge(model)
     unmerge(model)  # idempotent too
     assert not any(layer.merged for _, layer in lora_layers(model))
@@ -74,7 +78,7 @@ def test_refused_merge_leaves_every_layer_untouched():
     model = _adapted()
     layers = lora_layers(model)
     with torch.no_grad():
-        layers[-1][1].lora_b[0, 0] = float("nan")  # only the last layer is bad
+        layers[-1][1].lora["default"].lora_b[0, 0] = float("nan")  # only the last layer is bad
     before = _base_weights(model)
     with pytest.raises(ValueError, match="not finite"):
         merge(model)
@@ -82,7 +86,7 @@ def test_refused_merge_leaves_every_layer_untouched():
     assert not any(layer.merged for _, layer in layers)
 
     with torch.no_grad():
-        layers[-1][1].lora_b[0, 0] = float("inf")
+        layers[-1][1].lora["default"].lora_b[0, 0] = float("inf")
     with pytest.raises(ValueError, match="not finite"):
         merge(model)
     assert all(torch.equal(before[n], w) for n, w in _base_weights(model).items())
@@ -140,7 +144,7 @@ def test_export_merged_classifier_with_trained_head(tmp_path):
     LoRA(r=4, target_modules=["query", "value"]).apply(module)
     with torch.no_grad():
         for _, layer in lora_layers(module):
-            layer.lora_b.normal_(std=0.05)
+            layer.lora["default"].lora_b.normal_(std=0.05)
         module.backbone.classifier.weight.normal_()
     ref = _logits(module.eval())
     export_merged(module, tmp_path / "merged")

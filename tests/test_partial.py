@@ -94,7 +94,7 @@ def test_reapplying_same_method_is_a_noop_and_other_config_an_error():
     PartialFinetuning(parts=["head"]).apply(model)
     PartialFinetuning(parts=["head"]).apply(model)
     assert _names(model) == {"lm_head.weight"}
-    with pytest.raises(ValueError, match="already applied"):
+    with pytest.raises(ValueError, match="is already on this model"):
         PartialFinetuning(parts=["bias"]).apply(model)
 
 

@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 from lightning_peft import CausalLM, export_peft, import_peft
-from lightning_peft.delta import trainable_state_dict
+from lightning_peft.methods import applied_methods, declare_trainable, sync_requires_grad
 from lightning_peft.methods.adapter import AdapterConfig
-from lightning_peft.methods.base import applied_methods, declare_trainable, sync_requires_grad
 from lightning_peft.methods.lora import LoRAConfig
 from lightning_peft.methods.partial import PartialFinetuningConfig
 from lightning_peft.methods.prefix import PrefixTuningConfig
 from lightning_peft.methods.prompt import PromptTuningConfig
+from lightning_peft.persistence import delta_state_dict
 
 from conftest import random_batch, tiny_gpt2, tiny_llama
 
@@ -28,7 +28,7 @@ def _perturb(model, seed: int = 3) -> None:
     """Move every trained tensor away from its initial value (B is zero at init)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, t in sorted(trainable_state_dict(model, keep_vars=True).items()):
+        for _, t in sorted(delta_state_dict(model, keep_vars=True).items()):
             t.add_(torch.randn(t.shape, generator=g) * 0.05)
 
 
@@ -129,7 +129,7 @@ def test_peft_saved_lora_imports_with_equal_logits_and_keeps_training(tmp_path, 
     # training continues from the imported weights
     ours.train()
     ours(**random_batch(labels="lm")).loss.backward()
-    grads = [p.grad for _, p in trainable_state_dict(ours, keep_vars=True).items()]
+    grads = [p.grad for _, p in delta_state_dict(ours, keep_vars=True).items()]
     assert grads and all(g is not None for g in grads)
 
 
@@ -153,9 +153,9 @@ def test_peft_saved_prompt_and_prefix_import(tmp_path):
 def test_export_refuses_what_peft_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="no method is applied"):
         export_peft(tiny_llama(), tmp_path)
-    with pytest.raises(ValueError, match="no Hugging Face PEFT counterpart"):
+    with pytest.raises(ValueError, match="PEFT has no equivalent.*save_delta"):
         export_peft(AdapterConfig(bottleneck=4).apply(tiny_llama()), tmp_path)
-    with pytest.raises(ValueError, match="no Hugging Face PEFT counterpart"):
+    with pytest.raises(ValueError, match="PEFT has no equivalent.*save_delta"):
         export_peft(PartialFinetuningConfig(parts=["layernorm"]).apply(tiny_llama()), tmp_path)
     combined = PartialFinetuningConfig(parts=["layernorm"]).apply(tiny_llama())
     LoRAConfig(r=2).apply(combined)
@@ -178,9 +178,9 @@ def test_import_refuses_pickles_and_unknown_types(tmp_path):
     LoRAConfig(r=2).apply(model := tiny_llama())
     export_peft(model, tmp_path)
     (tmp_path / "adapter_config.json").write_text(
-        json.dumps({"peft_type": "IA3", "target_modules": ["k_proj"]})
+        json.dumps({"peft_type": "VERA", "target_modules": ["k_proj"]})
     )
     target = tiny_llama()
-    with pytest.raises(ValueError, match="cannot map PEFT peft_type='IA3'"):
+    with pytest.raises(ValueError, match="peft_type 'VERA' has no counterpart here"):
         import_peft(target, tmp_path)
     assert applied_methods(target) == []

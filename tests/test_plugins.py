@@ -16,10 +16,11 @@ import lightning_peft
 from lightning_peft import CausalLM
 from lightning_peft.callbacks import LoRA
 from lightning_peft.methods.base import trainable_named_parameters
+from lightning_peft.methods.lora import lora_layers
 from lightning_peft.plugins import FourBitPrecision, check_strategy
 from lightning_peft.quantization import (
     bits_per_parameter,
-    is_quantized,
+    is_4bit,
     quantization_report,
     requantization_error,
     state_dict_bits,
@@ -81,10 +82,12 @@ def qlora_run():
 def test_qlora_fit_holds_four_bit_base_and_fp32_trained_lora(qlora_run):
     module, trainer, plugin, before = qlora_run
     backbone = module.backbone
-    wrapped = [m for m in backbone.modules() if hasattr(m, "lora_a")]
+    wrapped = [m for _, m in lora_layers(backbone)]
     assert len(wrapped) == 14  # every linear of 2 Llama blocks
-    assert all(is_quantized(m.base) for m in wrapped)
-    assert len(plugin.quantized_modules) == 14 and all(n.endswith(".base") for n in plugin.quantized_modules)
+    assert all(is_4bit(m.base_layer) for m in wrapped)
+    assert len(plugin.quantized_modules) == 14 and all(
+        n.endswith(".base_layer") for n in plugin.quantized_modules
+    )
     # the head stays a full-precision nn.Linear
     assert type(backbone.lm_head) is nn.Linear and backbone.lm_head.weight.dtype == torch.float32
     # at most 4.13 bits per quantized weight, and the state dict is that plus the rest
@@ -106,7 +109,7 @@ def test_fp4_without_double_quant_holds_at_most_4_5_bits():
     module = CausalLM(tiny_llama(hidden=256), lr=1e-3)
     _trainer(1, [LoRA(r=4)], FourBitPrecision("fp4", double_quant=False)).fit(module, _loader(1))
     assert 4.4 < bits_per_parameter(module) <= 4.5
-    layer = next(m for m in module.modules() if is_quantized(m))
+    layer = next(m for m in module.modules() if is_4bit(m))
     assert layer.weight.quant_type == "fp4" and not layer.weight.compress_statistics
 
 
@@ -115,7 +118,7 @@ def test_narrow_models_quantize_and_train(width):
     module = CausalLM(tiny_llama(hidden=width, heads=2, kv_heads=1), lr=1e-2)
     before = _lora_snapshot(LoRA(r=2).apply(module))
     _trainer(2, [LoRA(r=2)], FourBitPrecision()).fit(module, _loader(2))
-    assert sum(is_quantized(m) for m in module.modules()) == 14
+    assert sum(is_4bit(m) for m in module.modules()) == 14
     after = _lora_snapshot(module)
     assert any(not torch.equal(after[n], before[n]) for n in before)
 
@@ -149,10 +152,10 @@ def test_other_methods_train_over_a_four_bit_base(callback):
     assert trained.keys() == before.keys()
     assert all(p.dtype == torch.float32 and not is_quantized_param(p) for p in trained.values())
     assert any(not torch.equal(p, before[n]) for n, p in trained.items())
-    assert sum(is_quantized(m) for m in module.modules()) >= 7
+    assert sum(is_4bit(m) for m in module.modules()) >= 7
     ids_trained = {id(p) for p in trained.values()}
     for m in module.modules():  # no module holding a trained parameter was quantized
-        if is_quantized(m):
+        if is_4bit(m):
             assert not any(id(p) in ids_trained for p in m.parameters())
 
 
@@ -188,7 +191,7 @@ def test_gradient_checkpointing_over_four_bit_base_reaches_lora():
             nn.init.normal_(p, std=0.01)
     _trainer(1, [LoRA(r=4), Grads()], FourBitPrecision()).fit(module, _loader(1))
     assert module.backbone.is_gradient_checkpointing
-    assert sum(is_quantized(m) for m in module.modules()) == 14
+    assert sum(is_4bit(m) for m in module.modules()) == 14
     assert len(grads) == 28 and all(g > 0 for g in grads.values()), grads
 
 
@@ -206,7 +209,7 @@ class BuildsInConfigureModel(CausalLM):
         from transformers import LlamaForCausalLM
 
         self.backbone = LlamaForCausalLM(tiny_llama_config())
-        seen["quantized_while_building"] = sum(is_quantized(m) for m in self.backbone.modules())
+        seen["quantized_while_building"] = sum(is_4bit(m) for m in self.backbone.modules())
         self.backbone.requires_grad_(False)
 
 
@@ -217,9 +220,9 @@ def test_model_built_in_configure_model_is_quantized_while_built():
     module = BuildsInConfigureModel()
     _trainer(2, [LoRA(r=4)], FourBitPrecision()).fit(module, _loader(2))
     assert seen["quantized_while_building"] == 14  # layer by layer, before convert_module ran
-    wrapped = [m for m in module.backbone.modules() if hasattr(m, "lora_a")]
-    assert len(wrapped) == 14 and all(is_quantized(m.base) for m in wrapped)
-    assert not is_quantized(module.backbone.lm_head)
+    wrapped = [m for _, m in lora_layers(module.backbone)]
+    assert len(wrapped) == 14 and all(is_4bit(m.base_layer) for m in wrapped)
+    assert not is_4bit(module.backbone.lm_head)
 
 
 def test_trainer_init_module_quantizes_while_building():
@@ -229,14 +232,14 @@ def test_trainer_init_module_quantizes_while_building():
     trainer = _trainer(1, [], plugin)
     with trainer.init_module():
         model = LlamaForCausalLM(tiny_llama_config(num_layers=1))
-    assert sum(is_quantized(m) for m in model.modules()) == 7 and not is_quantized(model.lm_head)
+    assert sum(is_4bit(m) for m in model.modules()) == 7 and not is_4bit(model.lm_head)
 
 
 def test_load_through_the_plugin_then_train(tmp_path):
     tiny_llama(hidden=64).save_pretrained(tmp_path)
     plugin = FourBitPrecision()
     module = CausalLM(plugin.load(str(tmp_path)), lr=1e-2)
-    assert sum(is_quantized(m) for m in module.modules()) == 14
+    assert sum(is_4bit(m) for m in module.modules()) == 14
     LoRA(r=4).apply(module)
     _trainer(1, [LoRA(r=4)], plugin).fit(module, _loader(1))
     assert {p.dtype for _, p in trainable_named_parameters(module)} == {torch.float32}
@@ -309,8 +312,8 @@ def test_plugin_is_accepted_by_the_trainer_and_skips_named_modules():
     assert trainer.precision_plugin is plugin
     module = CausalLM(tiny_llama())
     trainer.fit(module, _loader(1))
-    assert not any(n.endswith("down_proj.base") for n in plugin.quantized_modules)
-    assert sum(is_quantized(m) for m in module.modules()) == 12
+    assert not any(n.endswith("down_proj.base_layer") for n in plugin.quantized_modules)
+    assert sum(is_4bit(m) for m in module.modules()) == 12
 
 
 @pytest.mark.parametrize("name", ["FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy"])
@@ -326,7 +329,7 @@ def test_sharding_strategies_are_refused_in_convert_module(name):
     module._trainer = SimpleNamespace(strategy=strategy)  # what strategy.setup hands to convert_module
     with pytest.raises(RuntimeError, match=f"does not support {name}"):
         FourBitPrecision().convert_module(module)
-    assert not any(is_quantized(m) for m in module.modules())  # refused before touching the model
+    assert not any(is_4bit(m) for m in module.modules())  # refused before touching the model
     check_strategy(strategies.DDPStrategy())  # supported: no error
     check_strategy(strategies.SingleDeviceStrategy("cpu"))
 
@@ -341,7 +344,7 @@ def test_qlora_on_cuda_quantizes_on_device_and_trains():
 
     class Devices(Callback):  # Lightning moves the model back to the CPU when fit ends
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            layer = next(m for m in pl_module.modules() if is_quantized(m))
+            layer = next(m for m in pl_module.modules() if is_4bit(m))
             seen.append((layer.weight.device.type, layer.weight.quant_state.absmax.device.type))
 
     _trainer(3, [LoRA(r=4), Devices()], FourBitPrecision(), accelerator="cuda").fit(module, _loader(2))
@@ -362,7 +365,7 @@ def test_fsdp_fit_is_refused_before_training():
     with pytest.raises((TypeError, RuntimeError), match="FSDP"):
         trainer = _trainer(1, [LoRA(r=4)], FourBitPrecision(), strategy=FSDPStrategy(), accelerator="cuda")
         trainer.fit(module, _loader(1))
-    assert not any(is_quantized(m) for m in module.modules())
+    assert not any(is_4bit(m) for m in module.modules())
 
 
 # --------------------------------------------------------------------------- DDP
@@ -372,15 +375,16 @@ from conftest import tiny_llama
 from lightning_peft import CausalLM
 from lightning_peft.callbacks import LoRA
 from lightning_peft.methods.base import trainable_named_parameters
+from lightning_peft.methods.lora import lora_layers
 from lightning_peft.plugins import FourBitPrecision
-from lightning_peft.quantization import is_quantized
+from lightning_peft.core.layers import is_4bit
 
 module = CausalLM(tiny_llama(), lr=1e-2)
 t = trainer(2, strategy="ddp", devices=2, callbacks=[LoRA(r=4)], plugins=[FourBitPrecision()])
 t.fit(module, loader("lm", n=4, batch=2))
 out = {k: v for k, v in trainable_named_parameters(module)}
 for name, m in module.named_modules():
-    if is_quantized(m):
+    if is_4bit(m):
         out[name + ".codes"] = m.weight.data.flatten()[:256]
         out[name + ".absmax"] = m.weight.quant_state.absmax
 save_rank(t, out)
@@ -413,7 +417,7 @@ def test_qlora_recipe_runs_two_steps_with_the_plugin(minilm_path, tmp_path, monk
     )
     assert cli.trainer.global_step == 2
     module = cli.model
-    wrapped = [m for m in module.modules() if hasattr(m, "lora_a")]
-    assert wrapped and all(is_quantized(m.base) for m in wrapped)
-    assert not is_quantized(module.backbone.classifier)
+    wrapped = [m for _, m in lora_layers(module)]
+    assert wrapped and all(is_4bit(m.base_layer) for m in wrapped)
+    assert not is_4bit(module.backbone.classifier)
     assert bits_per_parameter(module) <= 4.13

@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_peft import CausalLM, SequenceClassifier
 from lightning_peft.callbacks import PrefixTuning
+from lightning_peft.methods import MethodError
 from lightning_peft.methods.base import applied_methods, count_parameters, trainable_named_parameters
 from lightning_peft.methods.prefix import PEFT_KEY, PrefixTuningConfig, find_prefix_encoder
 
@@ -75,8 +76,10 @@ def test_trainable_count_is_layers_x_2_x_tokens_x_kv_width(family):
         assert kv_width < cfg.hidden_size  # grouped-query attention: 2 kv heads for 4 query heads
     trainable, total = count_parameters(model)
     assert trainable == 3 * 2 * 7 * kv_width
-    assert [n for n, _ in trainable_named_parameters(model)] == ["prefix_encoder.prefix"]
-    assert all(not p.requires_grad for n, p in model.named_parameters() if n != "prefix_encoder.prefix")
+    assert [n for n, _ in trainable_named_parameters(model)] == ["prefix_encoders.default.prefix"]
+    assert all(
+        not p.requires_grad for n, p in model.named_parameters() if n != "prefix_encoders.default.prefix"
+    )
 
 
 def test_projection_trains_embedding_and_mlp():
@@ -84,11 +87,11 @@ def test_projection_trains_embedding_and_mlp():
     width = 2 * 2 * 32  # layers x 2 x kv_width
     names = {n: p.numel() for n, p in trainable_named_parameters(model)}
     assert names == {
-        "prefix_encoder.embedding": P * 64,
-        "prefix_encoder.transform.0.weight": 64 * 16,
-        "prefix_encoder.transform.0.bias": 16,
-        "prefix_encoder.transform.2.weight": 16 * width,
-        "prefix_encoder.transform.2.bias": width,
+        "prefix_encoders.default.embedding": P * 64,
+        "prefix_encoders.default.transform.0.weight": 64 * 16,
+        "prefix_encoders.default.transform.0.bias": 16,
+        "prefix_encoders.default.transform.2.weight": 16 * width,
+        "prefix_encoders.default.transform.2.bias": width,
     }
     assert count_parameters(model)[0] == sum(names.values())
 
@@ -131,10 +134,10 @@ def test_unsupported_attention_implementation_is_refused():
 def test_apply_twice():
     model = tiny_llama()
     PrefixTuning(num_virtual_tokens=P).apply(model)
-    before = model.prefix_encoder.prefix.clone()
+    before = model.prefix_encoders.default.prefix.clone()
     PrefixTuning(num_virtual_tokens=P).apply(model)  # same config: no-op
-    assert torch.equal(model.prefix_encoder.prefix, before)
-    with pytest.raises(ValueError, match="already applied"):
+    assert torch.equal(model.prefix_encoders.default.prefix, before)
+    with pytest.raises(ValueError, match="is already on this model"):
         PrefixTuning(num_virtual_tokens=P + 1).apply(model)
     wrapper = nn.ModuleDict({"inner": model})  # no record at its root: the prefixes are still found
     assert applied_methods(wrapper) == [PrefixTuningConfig(num_virtual_tokens=P)]
@@ -147,7 +150,7 @@ def test_meta_device_model_gets_prefixes_on_meta():
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     PrefixTuning(num_virtual_tokens=P).apply(model)
-    assert model.prefix_encoder.prefix.device.type == "meta"
+    assert model.prefix_encoders.default.prefix.device.type == "meta"
     assert count_parameters(model)[0] == 2 * 2 * P * 32
 
 
@@ -159,7 +162,7 @@ def test_decoder_init_equals_base_model_reading_the_init_tokens_first(make, attn
     model = PrefixTuning(num_virtual_tokens=P).apply(_with_attn(make(), attn))
     base = _with_attn(make(), attn)
     batch = random_batch(batch=2, seq=9)
-    ids = model.prefix_encoder.init_token_ids
+    ids = model.prefix_encoders.default.init_token_ids
     assert ids.shape == (P,)
     with torch.no_grad():
         ours = model(**batch).logits
@@ -206,7 +209,7 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone():
 def test_encoder_positions_are_unchanged():
     """BERT keeps positions 0..T-1: the position hook is not installed on encoders."""
     model = PrefixTuning(num_virtual_tokens=P).apply(tiny_bert_classifier())
-    assert not model.prefix_encoder.shift_positions
+    assert not model.prefix_encoders.shift_positions
     seen = []
     handle = model.bert.embeddings.position_embeddings.register_forward_hook(
         lambda m, args, out: seen.append(args[0])
@@ -270,7 +273,7 @@ def test_gradient_checkpointing_still_reaches_the_prefixes():
     PrefixTuning(num_virtual_tokens=P).apply(module)
     module.train()
     module(**random_batch(labels="lm")).loss.backward()
-    grad = module.backbone.prefix_encoder.prefix.grad
+    grad = module.backbone.prefix_encoders.default.prefix.grad
     assert grad is not None and grad.abs().sum() > 0
 
 
@@ -281,7 +284,7 @@ def test_trains_sequence_classifier_with_frozen_base_bit_identical():
     callback.apply(module)
     trainable = dict(trainable_named_parameters(module))
     assert set(trainable) == {
-        "backbone.prefix_encoder.prefix",
+        "backbone.prefix_encoders.default.prefix",
         "backbone.classifier.weight",
         "backbone.classifier.bias",
     }
@@ -296,7 +299,9 @@ def test_trains_sequence_classifier_with_frozen_base_bit_identical():
     for key in before:
         if key not in trainable:
             assert torch.equal(after[key], before[key]), key
-    assert not torch.equal(after["backbone.prefix_encoder.prefix"], before["backbone.prefix_encoder.prefix"])
+    assert not torch.equal(
+        after["backbone.prefix_encoders.default.prefix"], before["backbone.prefix_encoders.default.prefix"]
+    )
     with torch.no_grad():
         assert not torch.allclose(module(**batch).logits, out_before)
 
@@ -312,7 +317,7 @@ def test_trains_causal_lm_with_frozen_base_bit_identical():
     trainer.fit(module, train_dataloaders=_loader("lm"))
     module.eval()
     trainable = {n for n, _ in trainable_named_parameters(module)}
-    assert trainable == {"backbone.prefix_encoder.prefix"}
+    assert trainable == {"backbone.prefix_encoders.default.prefix"}
     after = module.state_dict()
     assert set(after) == set(before) | trainable
     for key in before:
@@ -345,7 +350,7 @@ def test_four_bit_base_keeps_the_prefix_mlp_in_full_precision():
     after = dict(trainable_named_parameters(module))
     assert set(after) == set(before)
     assert all(p.dtype == torch.float32 and not torch.equal(p, before[n]) for n, p in after.items())
-    assert type(module.backbone.prefix_encoder.transform[2]) is nn.Linear
+    assert type(module.backbone.prefix_encoders.default.transform[2]) is nn.Linear
 
 
 def test_projection_trains_then_folds_into_identical_plain_prefixes():
@@ -359,7 +364,7 @@ def test_projection_trains_then_folds_into_identical_plain_prefixes():
     with torch.no_grad():
         projected = module(**batch).logits
     callback.merge(module)
-    assert [n for n, _ in trainable_named_parameters(module)] == ["backbone.prefix_encoder.prefix"]
+    assert [n for n, _ in trainable_named_parameters(module)] == ["backbone.prefix_encoders.default.prefix"]
     assert count_parameters(module)[0] == 2 * 2 * P * 32
     assert applied_methods(module) == [PrefixTuningConfig(num_virtual_tokens=P, projection_dim=None)]
     with torch.no_grad():
@@ -367,7 +372,7 @@ def test_projection_trains_then_folds_into_identical_plain_prefixes():
     torch.testing.assert_close(folded, projected, rtol=0, atol=1e-6)
     callback.unmerge(module)
     assert applied_methods(module) == [PrefixTuningConfig(num_virtual_tokens=P, projection_dim=32)]
-    assert "backbone.prefix_encoder.transform.2.weight" in dict(trainable_named_parameters(module))
+    assert "backbone.prefix_encoders.default.transform.2.weight" in dict(trainable_named_parameters(module))
     with torch.no_grad():
         torch.testing.assert_close(module(**batch).logits, projected, rtol=0, atol=0)
 
@@ -375,10 +380,10 @@ def test_projection_trains_then_folds_into_identical_plain_prefixes():
 def test_projection_starts_from_the_same_activations():
     """The MLP's last layer is fitted so projected prefixes also start as real-token activations."""
     model = PrefixTuning(num_virtual_tokens=P, projection_dim=16).apply(tiny_llama())
-    assert model.prefix_encoder.projected
+    assert model.prefix_encoders.default.projected
     base = tiny_llama()
     batch = random_batch(batch=2, seq=9)
-    ids = model.prefix_encoder.init_token_ids
+    ids = model.prefix_encoders.default.init_token_ids
     with torch.no_grad():
         full = torch.cat([ids.unsqueeze(0).expand(2, -1), batch["input_ids"]], dim=1)
         torch.testing.assert_close(
@@ -395,7 +400,7 @@ def test_checkpoint_holds_only_prefix_and_head_and_rebuilds(tmp_path):
     trainer.save_checkpoint(tmp_path / "run.ckpt")
     state = torch.load(tmp_path / "run.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     assert set(state) == {
-        "backbone.prefix_encoder.prefix",
+        "backbone.prefix_encoders.default.prefix",
         "backbone.classifier.weight",
         "backbone.classifier.bias",
     }
@@ -419,7 +424,7 @@ def test_delta_after_folding_holds_only_plain_prefixes_and_reloads(tmp_path):
     lightning_peft.merge(model)
     lightning_peft.save_delta(model, tmp_path)
     (data,) = tmp_path.glob("*.safetensors")
-    assert set(load_file(str(data))) == {"prefix_encoder.prefix"}
+    assert set(load_file(str(data))) == {"prefix_encoders.default.prefix"}
     fresh = lightning_peft.load_delta(tiny_llama(), tmp_path)
     assert applied_methods(fresh) == [PrefixTuningConfig(num_virtual_tokens=P)]
     with torch.no_grad():
@@ -449,7 +454,7 @@ save_rank(t, {**trainable, "frozen_same": torch.tensor(frozen_same)})
     )
     assert len(ranks) == 2
     r0, r1 = ranks
-    assert set(r0) == set(r1) == {"backbone.prefix_encoder.prefix", "frozen_same"}
+    assert set(r0) == set(r1) == {"backbone.prefix_encoders.default.prefix", "frozen_same"}
     for key in r0:
         assert torch.equal(r0[key], r1[key]), f"ranks differ on {key}"
     assert bool(r0["frozen_same"])
@@ -471,7 +476,7 @@ def test_peft_loads_the_export_with_equal_logits(tmp_path, make):
     config, state = PrefixTuningConfig(num_virtual_tokens=P).to_peft(model)
     assert config["peft_type"] == "PREFIX_TUNING" and config["task_type"] == "CAUSAL_LM"
     assert set(state) == {PEFT_KEY}
-    kv_width = model.prefix_encoder.kv_width
+    kv_width = model.prefix_encoders.default.kv_width
     assert state[PEFT_KEY].shape == (P, 2 * 2 * kv_width)
     assert config["token_dim"] == kv_width and config["num_layers"] == 2
     _write_peft(tmp_path, config, state)
@@ -499,7 +504,7 @@ def test_peft_round_trip_through_from_peft(tmp_path):
     assert method == PrefixTuningConfig(num_virtual_tokens=P)
     fresh = method.apply(tiny_llama())
     mapped = method.from_peft(fresh, state)
-    assert set(mapped) == {"prefix_encoder.prefix"}
+    assert set(mapped) == {"prefix_encoders.default.prefix"}
     fresh.load_state_dict(mapped, strict=False)
     batch = random_batch()
     with torch.no_grad():
@@ -536,14 +541,16 @@ def test_projected_prefixes_export_as_computed_values():
     model = PrefixTuning(num_virtual_tokens=P, projection_dim=8).apply(tiny_gpt2())
     _, state = PrefixTuningConfig(num_virtual_tokens=P, projection_dim=8).to_peft(model)
     with torch.no_grad():
-        assert torch.equal(state[PEFT_KEY], model.prefix_encoder.flat())
+        assert torch.equal(state[PEFT_KEY], model.prefix_encoders.default.flat())
 
 
-def test_to_peft_is_none_for_encoders_and_classifiers():
+def test_no_peft_form_for_encoders_and_classifiers():
     bert = PrefixTuning(num_virtual_tokens=P).apply(tiny_bert_classifier())
-    assert PrefixTuningConfig(num_virtual_tokens=P).to_peft(bert) is None
+    with pytest.raises(MethodError, match="causal language models only.*save_delta"):
+        PrefixTuningConfig(num_virtual_tokens=P).to_peft(bert)
     llama_cls = PrefixTuning(num_virtual_tokens=P).apply(_llama_classifier())
-    assert PrefixTuningConfig(num_virtual_tokens=P).to_peft(llama_cls) is None
+    with pytest.raises(MethodError, match="causal language models only"):
+        PrefixTuningConfig(num_virtual_tokens=P).to_peft(llama_cls)
 
 
 # --------------------------------------------------------------------------- recipe

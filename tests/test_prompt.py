@@ -11,8 +11,9 @@ from torch import nn
 
 from lightning_peft import CausalLM, SequenceClassifier
 from lightning_peft.callbacks import PromptTuning
+from lightning_peft.methods import MethodError
 from lightning_peft.methods.base import count_parameters, trainable_parameter_names
-from lightning_peft.methods.prompt import PromptTuningConfig, find_soft_prompt
+from lightning_peft.methods.prompt import PromptTuningConfig, find_soft_prompt, prompt_bank
 
 from conftest import fit_recipe, random_batch, tiny_bert_classifier, tiny_gpt2, tiny_llama
 
@@ -95,8 +96,8 @@ def test_bert_prompt_goes_after_cls_and_pooler_reads_cls():
         at_start = _prompted(tiny_bert_classifier, position="start")(**batch).logits
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     assert not torch.allclose(out, at_start, atol=1e-4)
-    assert find_soft_prompt(model)[1].insert_at == 1
-    assert find_soft_prompt(_prompted(tiny_gpt2))[1].insert_at == 0
+    assert prompt_bank(model).insert_at == 1
+    assert prompt_bank(_prompted(tiny_gpt2)).insert_at == 0
 
 
 @pytest.mark.parametrize("factory", [tiny_bert_classifier, tiny_llama_classifier], ids=["bert", "llama"])
@@ -200,7 +201,8 @@ def test_peft_loads_the_export_with_equal_logits_and_we_load_it_back(tmp_path):
 
 def test_encoders_have_no_peft_export():
     model = PromptTuning(num_virtual_tokens=P).apply(tiny_bert_classifier())
-    assert PromptTuning(num_virtual_tokens=P).to_peft(model) is None
+    with pytest.raises(MethodError, match="causal language models only.*save_delta"):
+        PromptTuning(num_virtual_tokens=P).to_peft(model)
 
 
 def test_init_text_uses_the_models_tokenizer(minilm_path):
@@ -271,7 +273,7 @@ def test_apply_is_idempotent_and_refuses_a_different_config():
     model = PromptTuning(num_virtual_tokens=P).apply(tiny_gpt2())
     PromptTuning(num_virtual_tokens=P).apply(model)
     assert count_parameters(model)[0] == P * 64
-    with pytest.raises(ValueError, match="already applied"):
+    with pytest.raises(ValueError, match="is already on this model"):
         PromptTuning(num_virtual_tokens=P + 1).apply(model)
 
 

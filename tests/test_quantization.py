@@ -14,7 +14,7 @@ from lightning_peft.quantization import (
     bits_per_parameter,
     dense_weight,
     dequantize_model,
-    is_quantized,
+    is_4bit,
     load_quantized,
     plain_layer,
     quantizable_modules,
@@ -60,7 +60,7 @@ def test_quantized_layer_dequantizes_close_to_original(quant_type, source):
     layer = nn.Linear(128, 96) if source == "linear" else Conv1D(96, 128)
     nn.init.normal_(layer.weight, std=0.02)
     q = quantize_linear(layer, quant_type=quant_type)
-    assert is_quantized(q) and q.source_type == ("Linear" if source == "linear" else "Conv1D")
+    assert is_4bit(q) and q.source_type == ("Linear" if source == "linear" else "Conv1D")
     assert q.weight.dtype == torch.uint8 and not q.weight.requires_grad
     original = dense_weight(layer)
     restored = dense_weight(q)
@@ -206,11 +206,11 @@ def test_quantize_model_skips_head_trainable_tied_and_named_layers(llama):
     llama.requires_grad_(False)
     llama.model.layers[1].mlp.up_proj.weight.requires_grad_(True)
     names = quantize_model(llama, skip_modules=["down_proj", "model.layers.0.self_attn"])
-    assert "lm_head" not in names and isinstance(llama.lm_head, nn.Linear) and not is_quantized(llama.lm_head)
+    assert "lm_head" not in names and isinstance(llama.lm_head, nn.Linear) and not is_4bit(llama.lm_head)
     assert not any(n.endswith("down_proj") or ".layers.0.self_attn." in n for n in names)
     assert "model.layers.1.mlp.up_proj" not in names
     assert "model.layers.1.self_attn.q_proj" in names
-    assert all(is_quantized(llama.get_submodule(n)) for n in names)
+    assert all(is_4bit(llama.get_submodule(n)) for n in names)
     assert quantizable_modules(llama, ["down_proj", "model.layers.0.self_attn"]) == []
 
 
@@ -249,7 +249,7 @@ def test_dequantize_model_restores_plain_layers(gpt2):
     quantized_logits = gpt2(input_ids=x).logits
     names = dequantize_model(gpt2, torch.float32)
     assert names and isinstance(gpt2.get_submodule(names[0]), Conv1D)
-    assert not any(is_quantized(m) for m in gpt2.modules())
+    assert not any(is_4bit(m) for m in gpt2.modules())
     assert cosine(gpt2(input_ids=x).logits, quantized_logits) > 0.99
 
 
@@ -270,10 +270,10 @@ def test_quantize_on_init_builds_layer_by_layer_and_spares_method_layers():
     with quantize_on_init(skip_modules=["down_proj"]):
         model = LlamaForCausalLM(cfg)
         Adapter(bottleneck=8).apply(model)  # its layers train: never quantized
-    assert is_quantized(model.model.layers[0].self_attn.q_proj)
-    assert not is_quantized(model.lm_head) and not is_quantized(model.model.layers[0].mlp.down_proj)
+    assert is_4bit(model.model.layers[0].self_attn.q_proj)
+    assert not is_4bit(model.lm_head) and not is_4bit(model.model.layers[0].mlp.down_proj)
     trained = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad]
-    assert trained and not any(is_quantized(m) for m in trained)
+    assert trained and not any(is_4bit(m) for m in trained)
     assert torch.isfinite(model(input_ids=ids()).logits).all()
     with pytest.raises(ValueError, match="nested modules"):
         with quantize_on_init(skip_modules=["layers.0.mlp"]):
@@ -287,7 +287,7 @@ def test_load_quantized_matches_quantizing_the_loaded_model(tmp_path, factory):
     streamed = load_quantized(tmp_path, dtype=torch.float32)
     model.requires_grad_(False)
     names = quantize_model(model)
-    assert {n for n, m in streamed.named_modules() if is_quantized(m)} == set(names)
+    assert {n for n, m in streamed.named_modules() if is_4bit(m)} == set(names)
     for name in names:
         a, b = streamed.get_submodule(name), model.get_submodule(name)
         assert torch.equal(a.weight.data, b.weight.data)  # bit-identical codes
@@ -304,11 +304,11 @@ def test_load_quantized_adds_prefix_and_initializes_a_new_head(tmp_path):
     bert.bert.save_pretrained(tmp_path)  # a bare encoder: keys without "bert.", no classifier
     model = load_quantized(tmp_path, AutoModelForSequenceClassification, num_labels=3)
     assert model.classifier.out_features == 3 and model.classifier.weight.device.type == "cpu"
-    assert not is_quantized(model.classifier)
+    assert not is_4bit(model.classifier)
     assert torch.equal(
         model.bert.embeddings.word_embeddings.weight, bert.bert.embeddings.word_embeddings.weight.bfloat16()
     )
-    assert is_quantized(model.bert.encoder.layer[0].attention.self.query)
+    assert is_4bit(model.bert.encoder.layer[0].attention.self.query)
     assert model(input_ids=ids()).logits.shape == (2, 3)
 
 

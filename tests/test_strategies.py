@@ -99,7 +99,7 @@ def test_ddp_delta_checkpoint_written_once_and_resumed_on_every_rank(ddp):
 def test_fsdp1_is_configured_for_mixed_frozen_and_trainable_parameters():
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from lightning_peft.distributed import BlockWrapPolicy, configure_fsdp, fsdp_strategy
+    from lightning_peft.strategies import BlockWrapPolicy, configure_fsdp, fsdp_strategy
 
     module, _ = peft_runs.build("lora")
     strategy = fsdp_strategy()
@@ -126,7 +126,7 @@ def test_fsdp1_is_configured_for_mixed_frozen_and_trainable_parameters():
 
 def test_deepspeed_helper_checks_the_stage_and_adjusts_the_strategy():
     from lightning_peft.checkpointing import META_KEY
-    from lightning_peft.distributed import configure_deepspeed, deepspeed_strategy
+    from lightning_peft.strategies import configure_deepspeed, deepspeed_strategy
 
     with pytest.raises(ValueError, match="stage must be 2 or 3"):
         deepspeed_strategy(stage=1)
@@ -145,7 +145,7 @@ def test_deepspeed_helper_checks_the_stage_and_adjusts_the_strategy():
 
 
 def test_shard_backbone_rejects_tensor_parallel_meshes():
-    from lightning_peft.distributed import data_parallel_mesh
+    from lightning_peft.strategies import data_parallel_mesh
 
     class FakeMesh:
         ndim = 2
@@ -166,7 +166,7 @@ GPU_SCRIPT = """
 import lightning as L
 import torch
 import peft_runs as p
-from lightning_peft.distributed import {helper}
+from lightning_peft.strategies import {helper}
 
 out = {{}}
 for name in ("lora", "adapter", "prefix"):

@@ -1,37 +1,43 @@
-"""Fine-tuning methods: one file each, registered in :data:`base.REGISTRY` on import.
+"""Fine-tuning methods: one file each, registered by :func:`~lightning_peft.methods.base.register`.
 
-Every module in this package is imported here, so a method config recorded in a checkpoint
-or delta manifest can always be rebuilt by name.
+Importing this package imports no method; :func:`~lightning_peft.methods.base.registry`
+discovers every module of it (and methods other packages register through entry points)
+the first time the registry is read.
 """
 
-import importlib
-import pkgutil
-
+from ..core.ownership import MODULE, declare_state, declare_trainable
 from .base import (
     REGISTRY,
+    AdapterRecord,
     Method,
+    MethodError,
     applied_methods,
     count_parameters,
-    declare_trainable,
+    find_record,
     method_from_dict,
     register,
+    registry,
+    sync_adapters,
     sync_requires_grad,
     trainable_named_parameters,
     trainable_parameter_names,
 )
 
-for _info in pkgutil.iter_modules(__path__):
-    if _info.name != "base":
-        importlib.import_module(f"{__name__}.{_info.name}")
-
 __all__ = [
+    "MODULE",
     "REGISTRY",
+    "AdapterRecord",
     "Method",
+    "MethodError",
     "applied_methods",
     "count_parameters",
+    "declare_state",
     "declare_trainable",
+    "find_record",
     "method_from_dict",
     "register",
+    "registry",
+    "sync_adapters",
     "sync_requires_grad",
     "trainable_named_parameters",
     "trainable_parameter_names",

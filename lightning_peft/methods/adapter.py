@@ -23,7 +23,7 @@ output projection is the last linear layer of the block outside every attention 
 BERT ``attention.output.dense`` / ``output.dense``).
 
 Adapters are nonlinear, so they cannot be merged into the base weights, and Hugging Face
-PEFT has no bottleneck adapter: :meth:`AdapterConfig.to_peft` returns ``None``.
+PEFT has no bottleneck adapter: the contract's defaults say so.
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..targeting import LINEAR_TYPES, find_block_list, replace_module
-from .base import Method, declare_trainable, register
-from .partial import _is_norm
+from ..core.layers import is_norm, layer_features
+from ..core.ownership import AdapterPart, LayerWrapper, declare_trainable, undeclare
+from ..core.targeting import find_block_list, linear_layers, replace_module
+from .base import Method, MethodError, register
 
 PLACEMENTS = ("houlsby", "pfeiffer")
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -48,10 +49,11 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 _ATTENTION_WORDS = ("attention", "attn")
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(AdapterPart):
     """Down-projection, nonlinearity, up-projection (no residual; :class:`AdapterLayer` adds it).
 
     Args:
+        adapter_name: The adapter it belongs to.
         dim: Width of the hidden states it reads and writes.
         bottleneck: Width of the down-projection.
         activation: One of :data:`ACTIVATIONS`.
@@ -62,6 +64,7 @@ class Bottleneck(nn.Module):
 
     def __init__(
         self,
+        adapter_name: str,
         dim: int,
         bottleneck: int,
         activation: str = "relu",
@@ -69,7 +72,7 @@ class Bottleneck(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(adapter_name)
         self.down = nn.Linear(dim, bottleneck, device=device, dtype=dtype)
         self.act = ACTIVATIONS[activation]()
         self.up = nn.Linear(bottleneck, dim, device=device, dtype=dtype)
@@ -79,50 +82,41 @@ class Bottleneck(nn.Module):
                 nn.init.zeros_(self.down.bias)
                 nn.init.zeros_(self.up.weight)  # the adapted model starts equal to the base model
                 nn.init.zeros_(self.up.bias)
-        declare_trainable(self)
+        declare_trainable(self, adapter=adapter_name)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Return the adapter's update ``up(act(down(h)))``; ``h``: (..., dim)."""
         return self.up(self.act(self.down(h)))  # (..., dim)
 
 
-class AdapterLayer(nn.Module):
-    """A projection layer followed by a residual bottleneck adapter.
+class AdapterLayer(LayerWrapper):
+    """A projection layer followed by residual bottleneck adapters, one per adapter name.
 
     The wrapped layer stays frozen as ``base_layer``; attributes the rest of the model may
-    read (``weight``, ``out_features``, ``nf``, ...) are forwarded to it.
+    read (``weight``, ``out_features``, ``nf``, ...) are forwarded to it. Active adapters
+    run one after the other, each on the previous one's output (AdapterHub's "Stack").
 
     Args:
         base_layer: The projection to follow (``nn.Linear`` or GPT-2's ``Conv1D``).
-        adapter: The bottleneck applied to its output.
     """
 
-    def __init__(self, base_layer: nn.Module, adapter: Bottleneck) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.adapter = adapter
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.adapters = nn.ModuleDict()
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``h = base_layer(x)``; return ``h + adapter(h)``, both (B, T, d)."""
+        """``h = base_layer(x)``; then ``h = h + adapter(h)`` for each active adapter; (B, T, d)."""
         h = self.base_layer(*args, **kwargs)  # (B, T, d)
-        dtype = self.adapter.up.weight.dtype
-        return h + self.adapter(h.to(dtype)).to(h.dtype)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("base_layer", "adapter"):
-                raise
-            return getattr(super().__getattr__("base_layer"), name)
-
-
-def _out_features(layer: nn.Module) -> int:
-    """Output width of a linear layer (``nn.Linear``, ``Conv1D`` and 4-bit subclasses)."""
-    width = getattr(layer, "out_features", None) or getattr(layer, "nf", None)
-    if not isinstance(width, int):
-        raise ValueError(f"cannot tell the output width of {type(layer).__name__}")
-    return width
+        for adapter in self.adapters.values():
+            if not adapter.serves():
+                continue
+            dtype = adapter.up.weight.dtype
+            update = adapter(h.to(dtype))  # (B, T, d)
+            if adapter.rows is not None:
+                shape = (adapter.rows.shape[0],) + (1,) * (update.ndim - 1)
+                update = update * adapter.rows.to(device=update.device, dtype=update.dtype).view(shape)
+            h = h + update.to(h.dtype)
+        return h
 
 
 def _new_weight_kwargs(layer: nn.Module) -> dict[str, Any]:
@@ -144,7 +138,7 @@ def _is_attention(name: str, module: nn.Module) -> bool:
     cls = type(module).__name__.lower()
     named = any(w in last for w in _ATTENTION_WORDS) or "attention" in cls
     # "post_attention_layernorm" is named like attention but holds no projection
-    return named and any(isinstance(m, LINEAR_TYPES) for m in module.modules())
+    return named and bool(linear_layers(module))
 
 
 def find_projections(block: nn.Module) -> tuple[str, str]:
@@ -166,7 +160,7 @@ def find_projections(block: nn.Module) -> tuple[str, str]:
             continue
         if _is_attention(name, module):
             attention.append(name)
-    linears = [(n, m) for n, m in block.named_modules() if isinstance(m, LINEAR_TYPES)]
+    linears = [(n, m) for n, m in linear_layers(block) if n]
     names = [n for n, _ in linears]
     if not attention:
         raise ValueError(
@@ -211,8 +205,10 @@ class AdapterConfig(Method):
     up-projection always starts at zero)."""
 
     name = "adapter"
+    callback_name = "Adapter"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, int) or self.bottleneck <= 0:
             raise ValueError(f"Adapter bottleneck must be a positive integer, got {self.bottleneck!r}")
         if self.placement not in PLACEMENTS:
@@ -246,29 +242,63 @@ class AdapterConfig(Method):
             names.append(prefix + ffn_out)
         return names
 
-    def _apply(self, model: nn.Module) -> None:
+    def inject(self, model: nn.Module) -> None:
+        """Put a bottleneck after every targeted projection (joining an :class:`AdapterLayer` already there)."""
         for name in self.targets(model):
-            layer = model.get_submodule(name)
-            if isinstance(layer, AdapterLayer):
-                raise ValueError(f"{name} already holds an adapter; build a fresh model to change it")
+            layer = model.get_submodule(name)  # another method's wrapper is followed like its layer
+            wrapper = layer if isinstance(layer, AdapterLayer) else AdapterLayer(layer)
+            base = wrapper.innermost()
             adapter = Bottleneck(
-                _out_features(layer),
+                self.adapter_name,
+                layer_features(base)[1],
                 self.bottleneck,
                 self.activation,
                 init_std=float(self.init_std),
-                **_new_weight_kwargs(layer),
+                **_new_weight_kwargs(base),
             )
-            replace_module(model, name, AdapterLayer(layer, adapter))
+            adapter.train(base.training)
+            wrapper.adapters[self.adapter_name] = adapter
+            if wrapper is not layer:
+                replace_module(model, name, wrapper)
         if self.train_layernorm:
             _, blocks = find_block_list(model)
-            norms = [m for block in blocks for m in block.modules() if _is_norm(m)]
+            norms = [m for block in blocks for m in block.modules() if is_norm(m)]
             if not norms:
                 raise ValueError(
                     f"train_layernorm=True but the blocks of {type(model).__name__} have no normalization layers"
                 )
             for norm in norms:
-                declare_trainable(norm)
+                declare_trainable(norm, adapter=self.adapter_name)
 
-    def to_peft(self, model: nn.Module) -> None:
-        """Hugging Face PEFT has no bottleneck adapter, so there is nothing to export."""
-        return None
+    def merge(self, model: nn.Module) -> None:
+        """Bottleneck adapters are nonlinear: they cannot be folded into the base weights.
+
+        Raises:
+            MethodError: Always, naming what works instead.
+        """
+        raise MethodError(
+            f"Adapter (adapter {self.adapter_name!r}) cannot be merged into the base weights: a bottleneck "
+            "adapter is nonlinear. Save it with save_delta or a delta checkpoint; there is no PEFT or merged form"
+        )
+
+    def remove(self, model: nn.Module) -> None:
+        """Take this adapter's bottlenecks out; a layer left without any gets its plain projection back.
+
+        Raises:
+            MethodError: If the adapter trained normalization layers (changed in place).
+        """
+        if self.train_layernorm:
+            raise MethodError(
+                f"adapter {self.adapter_name!r} trained the normalization layers in place "
+                "(train_layernorm=True); deleting it cannot give the base model back"
+            )
+        for name, module in list(model.named_modules()):
+            if isinstance(module, AdapterLayer) and self.adapter_name in module.adapters:
+                del module.adapters[self.adapter_name]
+                if not len(module.adapters):
+                    replace_module(model, name, module.base_layer)
+        for module in model.modules():
+            undeclare(module, self.adapter_name)
+
+    def check_routable(self, model: nn.Module, adapters: list[Method]) -> None:
+        """Rows of one batch may use different bottleneck adapters (each runs on its own rows)."""

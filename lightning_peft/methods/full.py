@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from .base import Method, declare_trainable, register
+from ..core.ownership import declare_trainable
+from .base import Method, register
 
 
 @register
@@ -19,6 +21,16 @@ class FullFinetuningConfig(Method):
     """Train every parameter of the model."""
 
     name = "full"
+    callback_name = "FullFinetuning"
+    in_place = True
 
-    def _apply(self, model: nn.Module) -> None:
-        declare_trainable(model)
+    def inject(self, model: nn.Module) -> None:
+        """Declare the whole model trainable."""
+        declare_trainable(model, adapter=self.adapter_name)
+
+    def merge(self, model: nn.Module) -> None:
+        """Nothing to fold: the trained weights are the base weights."""
+
+    def folded_layers(self, model: nn.Module, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
+        """No layer is wrapped: the plain model already holds every trained weight."""
+        return {}

@@ -10,19 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
-from ..targeting import find_backbone, find_block_list, head_module_names
-from .base import Method, declare_trainable, register
+from ..core.layers import is_norm
+from ..core.ownership import declare_trainable
+from ..core.targeting import find_backbone, find_block_list, head_module_names
+from .base import Method, register
 
 PARTS = ("head", "bias", "layernorm", "embeddings")
-
-
-def _is_norm(module: nn.Module) -> bool:
-    """LayerNorm and the RMSNorm variants of every family (matched by type, not by name)."""
-    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith("RMSNorm"):
-        return True
-    return isinstance(getattr(nn, "RMSNorm", ()), type) and isinstance(module, nn.RMSNorm)
 
 
 @register
@@ -38,8 +34,11 @@ class PartialFinetuningConfig(Method):
     """Also train every parameter of the last N transformer blocks."""
 
     name = "partial"
+    callback_name = "PartialFinetuning"
+    in_place = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.parts, str):
             self.parts = [self.parts]
         self.parts = list(self.parts)
@@ -55,7 +54,16 @@ class PartialFinetuningConfig(Method):
         if not self.parts and self.last_n_layers is None:
             raise ValueError(f"PartialFinetuning needs parts (from {list(PARTS)}) and/or last_n_layers")
 
-    def _apply(self, model: nn.Module) -> None:
+    def merge(self, model: nn.Module) -> None:
+        """Nothing to fold: the trained tensors are the base's own."""
+
+    def folded_layers(self, model: nn.Module, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
+        """No layer is wrapped: the plain model already holds every trained tensor."""
+        return {}
+
+    def inject(self, model: nn.Module) -> None:
+        """Declare the chosen parts trainable."""
+        adapter = self.adapter_name
         if self.last_n_layers is not None:
             name, blocks = find_block_list(model)
             if self.last_n_layers > len(blocks):
@@ -64,7 +72,7 @@ class PartialFinetuningConfig(Method):
                     f"transformer blocks (in {name}); choose 1..{len(blocks)}"
                 )
             for block in list(blocks)[-self.last_n_layers :]:
-                declare_trainable(block)
+                declare_trainable(block, adapter=adapter)
         if "head" in self.parts:
             heads = head_module_names(model)
             if not heads:
@@ -73,9 +81,9 @@ class PartialFinetuningConfig(Method):
                     "embeddings and modules named lm_head, classifier, score)"
                 )
             for name in heads:
-                declare_trainable(model.get_submodule(name))
+                declare_trainable(model.get_submodule(name), adapter=adapter)
         if "embeddings" in self.parts:
-            self._declare_embeddings(model)
+            self._declare_embeddings(model, adapter)
         found = {"bias": False, "layernorm": False}
         for module in model.modules():
             if "bias" in self.parts:
@@ -83,10 +91,10 @@ class PartialFinetuningConfig(Method):
                     n for n, p in module.named_parameters(recurse=False) if n == "bias" and p is not None
                 ]
                 if biases:
-                    declare_trainable(module, biases)
+                    declare_trainable(module, biases, adapter=adapter)
                     found["bias"] = True
-            if "layernorm" in self.parts and _is_norm(module):
-                declare_trainable(module)
+            if "layernorm" in self.parts and is_norm(module):
+                declare_trainable(module, adapter=adapter)
                 found["layernorm"] = True
         for part, hit in found.items():
             if part in self.parts and not hit:
@@ -94,16 +102,16 @@ class PartialFinetuningConfig(Method):
                 raise ValueError(f"part {part!r}: {type(model).__name__} has no {what}; choose other parts")
 
     @staticmethod
-    def _declare_embeddings(model: nn.Module) -> None:
+    def _declare_embeddings(model: nn.Module, adapter: str) -> None:
         backbone = find_backbone(model)
         get_in = getattr(backbone, "get_input_embeddings", None)
         table = get_in() if callable(get_in) else None
         if table is None:
             raise ValueError(f"part 'embeddings' found no input embedding layer in {type(model).__name__}")
-        declare_trainable(table)
+        declare_trainable(table, adapter=adapter)
         # Position / token-type tables are nn.Embedding siblings of the token table
         # (BERT's embeddings block, GPT-2's wpe beside wte); Llama has none.
         owner = next(n for n, m in backbone.named_modules() if m is table).rpartition(".")[0]
         for name, module in backbone.named_modules():
             if isinstance(module, nn.Embedding) and name.rpartition(".")[0] == owner:
-                declare_trainable(module)
+                declare_trainable(module, adapter=adapter)

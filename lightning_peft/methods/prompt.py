@@ -4,8 +4,10 @@ Lester, Al-Rfou and Constant 2021, "The Power of Scale for Parameter-Efficient P
 Tuning": a learned soft prompt of ``P`` vectors in the input-embedding space is put in front
 of every sequence; the model is frozen and only those ``P x hidden`` numbers train.
 
-Mechanism. Two forward hooks (a pre-hook that rewrites the keyword arguments and a hook
-that trims the output) do the work; where they sit depends on the model:
+Mechanism. Two forward hooks of a :class:`PromptBank` (a pre-hook that rewrites the keyword
+arguments and a hook that trims the output) do the work; where they sit depends on the
+model (every prompt adapter of one model shares them; the active ones go in front in the
+order they were added):
 
 - Causal LMs (a causal decoder with an output embedding, e.g. ``LlamaForCausalLM``): on
   the LM itself, as Hugging Face PEFT does. Before ``forward``, ``input_ids`` become
@@ -37,9 +39,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoTokenizer
 
-from ..targeting import find_backbone
-from ._inputs import (
+from ..core.ownership import AdapterPart, declare_trainable, undeclare
+from ..core.targeting import find_backbone
+from ..core.virtual_tokens import (
     bind_arguments,
     cache_length,
     extend_attention_mask,
@@ -48,24 +52,23 @@ from ._inputs import (
     is_causal,
     shift_position_ids,
 )
-from .base import Method, declare_trainable, register
+from ..hub import resolve_model_source
+from .base import Method, MethodError, register
 
 POSITIONS = ("auto", "start", "after_first")
 PEFT_KEY = "prompt_embeddings"
 """The one tensor name of a Hugging Face PEFT prompt-tuning checkpoint."""
+BANK = "soft_prompts"
+"""Attribute (of the hooked model) holding every adapter's prompt (a :class:`PromptBank`)."""
 
 
-class SoftPrompt(nn.Module):
-    """The learned prompt and the hooks that put it in front of a model's input embeddings.
+class SoftPrompt(AdapterPart):
+    """One adapter's learned prompt: ``P`` vectors in the input-embedding space.
 
     Args:
+        adapter_name: The adapter.
         num_virtual_tokens: Number of prompt vectors ``P``.
         dim: Width of the input embeddings.
-        insert_at: Column of the user's sequence the prompt goes before (0: in front of
-            everything; 1: after the first token, e.g. BERT's ``[CLS]``).
-        trim: What the output hook trims: ``"logits"`` (hooked on a causal LM: labels are
-            extended on the way in, logits trimmed on the way out) or ``"hidden"`` (hooked
-            on a base model: the virtual positions are cut from its hidden states).
         device: Device of the prompt.
         dtype: dtype of the prompt (kept in float32 or wider for stable training; it is
             cast to the embeddings' dtype on use).
@@ -73,46 +76,71 @@ class SoftPrompt(nn.Module):
 
     def __init__(
         self,
+        adapter_name: str,
         num_virtual_tokens: int,
         dim: int,
-        insert_at: int = 0,
-        trim: str = "hidden",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        if trim not in ("logits", "hidden"):
-            raise ValueError(f"trim must be 'logits' or 'hidden', got {trim!r}")
-        if trim == "logits" and insert_at != 0:
-            raise ValueError("a prompt hooked on a causal LM's logits must go first (insert_at=0)")
-        self.weight = nn.Parameter(torch.zeros(num_virtual_tokens, dim, device=device, dtype=dtype))
-        self.insert_at = insert_at
-        self.trim = trim
-        self._pending: list[tuple[int, int] | None] = []
-        declare_trainable(self)
+        super().__init__(adapter_name)
+        self.weight = nn.Parameter(torch.zeros(num_virtual_tokens, dim, device=device, dtype=dtype))  # (P, H)
+        declare_trainable(self, adapter=adapter_name)
 
     @property
     def num_virtual_tokens(self) -> int:
         """``P``, the number of prompt vectors."""
         return self.weight.shape[0]
 
-    def forward(self, batch_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The prompt repeated over the batch: (B, P, dim)."""
-        weight = self.weight if dtype is None else self.weight.to(dtype)
-        return weight.unsqueeze(0).expand(batch_size, -1, -1)  # (B, P, dim)
+
+class PromptBank(nn.ModuleDict):
+    """Every adapter's prompt on one model, and the hooks that put the active ones in front of its inputs.
+
+    Args:
+        insert_at: Column of the user's sequence the prompt goes before (0: in front of
+            everything; 1: after the first token, e.g. BERT's ``[CLS]``).
+        trim: What the output hook trims: ``"logits"`` (hooked on a causal LM: labels are
+            extended on the way in, logits trimmed on the way out) or ``"hidden"`` (hooked
+            on a base model: the virtual positions are cut from its hidden states).
+    """
+
+    def __init__(self, insert_at: int = 0, trim: str = "hidden") -> None:
+        super().__init__()
+        if trim not in ("logits", "hidden"):
+            raise ValueError(f"trim must be 'logits' or 'hidden', got {trim!r}")
+        if trim == "logits" and insert_at != 0:
+            raise ValueError("a prompt hooked on a causal LM's logits must go first (insert_at=0)")
+        self.insert_at = insert_at
+        self.trim = trim
+        self._pending: list[tuple[int, int, int] | None] = []
+
+    def prompt(self, batch_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The serving adapters' prompts, one after the other, repeated over the batch: (B, P, dim)."""
+        parts = [p.weight for p in self.values() if p.serves()]
+        weight = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]  # (P, H)
+        if dtype is not None:
+            weight = weight.to(dtype)
+        return weight.unsqueeze(0).expand(batch_size, -1, -1)  # (B, P, H)
+
+    def num_tokens(self) -> int:
+        """Prompt vectors in front of the input for the current forward."""
+        return sum(p.num_virtual_tokens for p in self.values() if p.serves())
 
     def attach(self, target: nn.Module) -> None:
-        """Register this prompt as ``target.soft_prompt`` and hook ``target``'s forward."""
-        target.add_module("soft_prompt", self)
-        target.register_forward_pre_hook(self._before_forward, with_kwargs=True)
-        target.register_forward_hook(self._after_forward, with_kwargs=True)
+        """Register this bank as ``target.soft_prompts`` and hook ``target``'s forward."""
+        target.add_module(BANK, self)
+        target.register_forward_pre_hook(self.before_forward, with_kwargs=True)
+        target.register_forward_hook(self.after_forward, with_kwargs=True)
 
     # -- hooks ----------------------------------------------------------------------------
-    def _before_forward(
+    def before_forward(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """Put the prompt in front of the input embeddings and extend masks, positions and labels."""
+        num = self.num_tokens()
+        if num == 0:
+            self._pending.append(None)
+            return None  # no prompt takes part: the model runs as the base model
         kw = bind_arguments(module, args, kwargs)
-        num = self.num_virtual_tokens
         if cache_length(kw) > 0:
             # Cached decoding step: the prompt is already in the cache (P + past entries).
             kw["attention_mask"] = extend_attention_mask(kw.get("attention_mask"), num, at=0)
@@ -127,7 +155,7 @@ class SoftPrompt(nn.Module):
             embeds = module.get_input_embeddings()(ids)  # (B, T, H)
         batch, length = embeds.shape[:2]
         at = min(self.insert_at, length)
-        prompt = self(batch, embeds.dtype)  # (B, P, H)
+        prompt = self.prompt(batch, embeds.dtype)  # (B, P, H)
         kw["input_ids"] = None
         kw["inputs_embeds"] = torch.cat([embeds[:, :at], prompt, embeds[:, at:]], dim=1)  # (B, P + T, H)
         kw["attention_mask"] = extend_attention_mask(kw.get("attention_mask"), num, at)
@@ -139,17 +167,17 @@ class SoftPrompt(nn.Module):
         if self.trim == "logits" and labels is not None:
             ignore = labels.new_full((labels.shape[0], num), -100)  # (B, P)
             kw["labels"] = torch.cat([ignore, labels], dim=1)  # (B, P + T)
-        self._pending.append((at, length))
+        self._pending.append((at, length, num))
         return (), kw
 
-    def _after_forward(
+    def after_forward(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> Any:
+        """Cut the prompt positions out of the output again."""
         pending = self._pending.pop() if self._pending else None
         if pending is None:
             return output
-        at, length = pending
-        num = self.num_virtual_tokens
+        at, length, num = pending
 
         def cut(h: torch.Tensor) -> torch.Tensor:  # (B, at + P + rest, ...) -> (B, at + rest, ...)
             if h.shape[1] != length + num:
@@ -168,16 +196,23 @@ class SoftPrompt(nn.Module):
         return output
 
 
-def find_soft_prompt(model: nn.Module) -> tuple[str, SoftPrompt]:
-    """Return ``(qualified_name, module)`` of the soft prompt in ``model``.
+def find_soft_prompt(model: nn.Module, adapter_name: str = "default") -> tuple[str, SoftPrompt]:
+    """Return ``(qualified_name, module)`` of adapter ``adapter_name``'s soft prompt in ``model``.
 
     Raises:
-        ValueError: If prompt tuning was not applied to ``model``.
+        ValueError: If the model has no such prompt.
     """
     for name, module in model.named_modules():
-        if isinstance(module, SoftPrompt):
+        if isinstance(module, SoftPrompt) and module.adapter_name == adapter_name:
             return name, module
-    raise ValueError(f"{type(model).__name__} has no soft prompt; apply PromptTuning first")
+    raise ValueError(
+        f"{type(model).__name__} has no soft prompt of adapter {adapter_name!r}; apply PromptTuning first"
+    )
+
+
+def prompt_bank(model: nn.Module) -> PromptBank | None:
+    """The :class:`PromptBank` inside ``model``, if prompt tuning was applied."""
+    return next((m for m in model.modules() if isinstance(m, PromptBank)), None)
 
 
 def _base_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -219,8 +254,11 @@ class PromptTuningConfig(Method):
     decoders and ``"after_first"`` for bidirectional encoders."""
 
     name = "prompt"
+    callback_name = "PromptTuning"
+    peft_types = ("PROMPT_TUNING",)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         n = self.num_virtual_tokens
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
             raise ValueError(f"PromptTuning num_virtual_tokens must be a positive integer, got {n!r}")
@@ -231,23 +269,30 @@ class PromptTuningConfig(Method):
                 f"unknown PromptTuning position {self.position!r}; choose from {list(POSITIONS)}"
             )
 
-    # -- apply ----------------------------------------------------------------------------
-    def _apply(self, model: nn.Module) -> None:
+    # -- inject ---------------------------------------------------------------------------
+    def inject(self, model: nn.Module) -> None:
+        """Add this adapter's prompt to the model's bank (hooking the model the first time)."""
         backbone, base = _base_model(model)
-        if any(isinstance(m, SoftPrompt) for m in backbone.modules()):
-            raise ValueError(f"{type(backbone).__name__} already has a soft prompt; build a fresh model")
         table: nn.Embedding = base.get_input_embeddings()
         if self.position == "auto":
             insert_at = 0 if is_causal(base) else 1
         else:
             insert_at = 0 if self.position == "start" else 1
         on_logits = insert_at == 0 and _is_causal_lm(backbone, base)
+        bank = prompt_bank(backbone)
+        if bank is None:
+            bank = PromptBank(insert_at, trim="logits" if on_logits else "hidden")
+            bank.attach(backbone if on_logits else base)
+        elif bank.insert_at != insert_at:
+            raise ValueError(
+                f"prompt adapters of one model must go to the same place; {list(bank)} insert at column "
+                f"{bank.insert_at}, this one (position={self.position!r}) at {insert_at}"
+            )
         dtype = torch.promote_types(table.weight.dtype, torch.float32)
         prompt = SoftPrompt(
+            self.adapter_name,
             self.num_virtual_tokens,
             table.embedding_dim,
-            insert_at,
-            trim="logits" if on_logits else "hidden",
             device=table.weight.device,
             dtype=dtype,
         )
@@ -255,7 +300,16 @@ class PromptTuningConfig(Method):
             ids = self._init_token_ids(backbone, table.num_embeddings)
             with torch.no_grad():
                 prompt.weight.copy_(table.weight[ids.to(table.weight.device)].to(dtype))  # (P, H)
-        prompt.attach(backbone if on_logits else base)
+        bank[self.adapter_name] = prompt
+
+    def remove(self, model: nn.Module) -> None:
+        """Take this adapter's prompt out; the hooks do nothing once the bank is empty."""
+        bank = prompt_bank(model)
+        if bank is None or self.adapter_name not in bank:
+            return
+        del bank[self.adapter_name]
+        for module in model.modules():
+            undeclare(module, self.adapter_name)
 
     def _init_token_ids(self, backbone: nn.Module, vocab_size: int) -> torch.Tensor:
         """Token ids whose embeddings start the prompt: ``init_text`` cycled, or random rows."""
@@ -278,10 +332,6 @@ class PromptTuningConfig(Method):
         return torch.tensor((ids * repeats)[: self.num_virtual_tokens], dtype=torch.long)
 
     def _tokenize(self, backbone: nn.Module) -> list[int]:
-        from transformers import AutoTokenizer
-
-        from ..modules import resolve_model_source
-
         source = self.tokenizer
         if source is None:
             config = getattr(backbone, "config", None)
@@ -296,18 +346,25 @@ class PromptTuningConfig(Method):
         return list(tokenizer(self.init_text, add_special_tokens=False)["input_ids"])
 
     # -- Hugging Face PEFT --------------------------------------------------------------
-    def to_peft(self, model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
-        """PEFT ``PROMPT_TUNING`` for causal LMs; ``None`` for encoders and classifiers.
+    def to_peft(self, model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """PEFT ``PROMPT_TUNING`` for causal LMs.
 
         PEFT prepends the prompt in front of every token and has no notion of inserting it
         after ``[CLS]``, so only prompts placed at the start of a causal LM export. The
         state dict's single key is ``prompt_embeddings``, to be saved exactly so (PEFT
         looks it up without any ``base_model.model.`` prefix).
+
+        Raises:
+            MethodError: For encoders and classifiers.
         """
         backbone, _ = _base_model(model)
-        _, prompt = find_soft_prompt(model)
-        if prompt.trim != "logits":
-            return None
+        _, prompt = find_soft_prompt(model, self.adapter_name)
+        bank = prompt_bank(model)
+        if bank is None or bank.trim != "logits":
+            raise MethodError(
+                f"PromptTuning (adapter {self.adapter_name!r}) on {type(backbone).__name__} has no Hugging Face "
+                "PEFT form: PEFT prepends prompts to causal language models only. Use save_delta"
+            )
         text = (
             backbone.config.get_text_config()
             if hasattr(backbone.config, "get_text_config")
@@ -325,7 +382,6 @@ class PromptTuningConfig(Method):
             "prompt_tuning_init_text": None,
             "tokenizer_name_or_path": None,
             "tokenizer_kwargs": None,
-            "base_model_name_or_path": getattr(backbone.config, "_name_or_path", None) or None,
             "inference_mode": True,
             "revision": None,
             "modules_to_save": None,
@@ -333,28 +389,30 @@ class PromptTuningConfig(Method):
         return config, {PEFT_KEY: prompt.weight.detach().clone().contiguous()}
 
     def from_peft(self, model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Map PEFT's ``prompt_embeddings`` onto the soft prompt's parameter name in ``model``."""
+        """Map PEFT's ``prompt_embeddings`` onto this adapter's prompt parameter in ``model``."""
         keys = [k for k in state_dict if k == PEFT_KEY or k.endswith("." + PEFT_KEY)]
         if len(keys) != 1:
-            raise ValueError(
+            raise MethodError(
                 f"a PEFT prompt-tuning state dict holds one {PEFT_KEY!r}; got keys {sorted(state_dict)}"
             )
         tensor = state_dict[keys[0]]
-        name, prompt = find_soft_prompt(model)
+        name, prompt = find_soft_prompt(model, self.adapter_name)
         if tuple(tensor.shape) != tuple(prompt.weight.shape):
-            raise ValueError(
+            raise MethodError(
                 f"{PEFT_KEY} has shape {tuple(tensor.shape)} but the model's prompt is {tuple(prompt.weight.shape)}"
             )
         return {f"{name}.weight": tensor}
 
     @classmethod
-    def from_peft_config(cls, config: dict[str, Any]) -> PromptTuningConfig:
+    def from_peft_config(cls, config: dict[str, Any], adapter_name: str = "default") -> PromptTuningConfig:
         """Build the config from a PEFT ``adapter_config.json`` of type ``PROMPT_TUNING``."""
         if config.get("peft_type") != "PROMPT_TUNING":
-            raise ValueError(f"expected peft_type 'PROMPT_TUNING', got {config.get('peft_type')!r}")
+            raise MethodError(f"expected peft_type 'PROMPT_TUNING', got {config.get('peft_type')!r}")
         if config.get("num_transformer_submodules", 1) not in (1, None):
-            raise ValueError(
+            raise MethodError(
                 "only decoder-only prompt tuning (num_transformer_submodules=1) is supported, got "
                 f"{config.get('num_transformer_submodules')}"
             )
-        return cls(num_virtual_tokens=int(config["num_virtual_tokens"]), position="start")
+        return cls(
+            num_virtual_tokens=int(config["num_virtual_tokens"]), position="start", adapter_name=adapter_name
+        )

@@ -1,4 +1,4 @@
-"""Scaling out: FSDP2 sharding of a frozen backbone, and strategy checks and configuration.
+"""Lightning strategies for a frozen-backbone run: FSDP2 sharding, strategy settings, sharded delta checkpoints.
 
 * :func:`shard_backbone` applies PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``) to
   every transformer block and then to the backbone, after a method has been applied. FSDP2
@@ -7,37 +7,48 @@
   gradients reduce-scattered. Our LightningModules call it from ``configure_model`` when
   Lightning's ``ModelParallelStrategy`` provides a device mesh. With the 4-bit plugin the
   base is quantized first, so QLoRA shards its 4-bit codes.
-* :func:`gather_trainable` / :func:`load_trainable` read and write only the delta tensors
-  of a sharded (or plain) model, and :func:`sample_sharded` reads a few values of a sharded
-  tensor for the base fingerprint, so a delta checkpoint never materializes the frozen
-  model on one rank. :func:`consolidate_checkpoint` turns a sharded checkpoint folder into
-  one file that loads in a single process.
 * :func:`prepare_strategy` (run by every method callback) adjusts the strategy:
   delta-aware checkpoint saving and loading for ``ModelParallelStrategy``
   (:func:`install_delta_checkpointing`), ``use_orig_params`` and a per-block wrap policy for
   ``FSDPStrategy`` (:func:`configure_fsdp`), frozen weights left out of DeepSpeed
   checkpoints (:func:`configure_deepspeed`). :func:`fsdp_strategy` and
   :func:`deepspeed_strategy` build those CUDA-only strategies with these settings.
+* :func:`consolidate_checkpoint` turns a sharded checkpoint folder into one file that loads
+  in a single process.
 
-Lightning is imported inside the functions that need it.
+Reading a few values of a shard and copying into shards is plain torch
+(:mod:`lightning_peft.core.sharded`); restoring deltas goes through the one restore path.
 """
 
 from __future__ import annotations
 
 import functools
-import sys
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from .methods.base import applied_methods, sync_requires_grad, trainable_named_parameters
-from .targeting import find_backbone, find_block_list
+from .checkpointing import META_KEY, is_delta_checkpoint, on_load_checkpoint
+from .core.sharded import full_tensor
+from .core.targeting import find_backbone, find_block_list
+from .methods.base import applied_methods, sync_requires_grad
+from .persistence.state import delta_state_dict
+from .plugins import FourBitPrecision
 
-if TYPE_CHECKING:
-    from torch.distributed.device_mesh import DeviceMesh
-
+LIGHTNING_METADATA = "meta.pt"
+"""The file of a sharded Lightning checkpoint folder that holds everything but the tensors."""
 DATA_PARALLEL = "data_parallel"
 """Name of the data-parallel dimension in Lightning's ``ModelParallelStrategy`` device mesh."""
 
@@ -45,8 +56,6 @@ DATA_PARALLEL = "data_parallel"
 # --------------------------------------------------------------------------- FSDP2
 def is_sharded(module: nn.Module) -> bool:
     """Whether FSDP2 (``fully_shard``) was applied to ``module`` or any of its submodules."""
-    from torch.distributed.fsdp import FSDPModule
-
     return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
@@ -110,8 +119,6 @@ def shard_backbone(
         ValueError: If the model has no list of repeated blocks, or the mesh is not
             data-parallel only.
     """
-    from torch.distributed.fsdp import fully_shard
-
     if is_sharded(module):
         return module
     mesh = data_parallel_mesh(mesh)
@@ -151,24 +158,10 @@ def _quantize_first(module: nn.Module) -> None:
     base is quantized first, on the run's device, and sharded after; the plugin's own
     ``convert_module`` later finds nothing left to quantize.
     """
-    plugins = sys.modules.get("lightning_peft.plugins")  # not imported: no 4-bit plugin in use
     trainer = getattr(module, "_trainer", None)
-    if plugins is None or trainer is None:
-        return
-    plugin = trainer.precision_plugin
-    if isinstance(plugin, plugins.FourBitPrecision):
+    plugin = getattr(trainer, "precision_plugin", None)
+    if isinstance(plugin, FourBitPrecision):
         plugin.quantize_before_sharding(module)
-
-
-def dense_sharded_4bit(layer: nn.Module) -> torch.Tensor:
-    """The dequantized ``(out, in)`` weight of a 4-bit layer whose codes FSDP2 sharded.
-
-    Gathers this one layer's codes (a collective: call it on every rank).
-    """
-    from .quantization import _dequantize_state
-
-    codes = layer.weight.full_tensor().detach()  # (packed, 1)
-    return _dequantize_state(codes, layer.quant_state)  # (out, in)
 
 
 def _containers_of_plain_parameters(module: nn.Module, backbone: nn.Module) -> list[nn.Module]:
@@ -186,112 +179,6 @@ def _containers_of_plain_parameters(module: nn.Module, backbone: nn.Module) -> l
             "parameters inside submodules. Move them into a submodule."
         )
     return out
-
-
-# --------------------------------------------------------------------------- sharded tensors
-def sample_sharded(tensor: torch.Tensor, positions: list[int]) -> torch.Tensor:
-    """Values of a (possibly sharded) tensor at flat ``positions`` of its global shape, fp32 on CPU.
-
-    For a ``DTensor`` sharded along one dimension of a 1-D mesh (what FSDP2 makes), each rank
-    reads the positions that fall in its own shard and the few values are summed across
-    ranks: nothing but the sample is communicated. Other layouts are gathered first. Every
-    rank must call it (it is a collective for sharded tensors).
-
-    Args:
-        tensor: A plain tensor or a ``DTensor``.
-        positions: Flat indices into the global (logical) tensor.
-
-    Returns:
-        A ``(len(positions),)`` float32 CPU tensor, the same on every rank.
-    """
-    index = torch.tensor(positions, dtype=torch.long)
-    if not hasattr(tensor, "device_mesh"):
-        flat = tensor.detach().reshape(-1) if tensor.ndim else tensor.detach().reshape(1)
-        return flat[index.to(flat.device)].to(device="cpu", dtype=torch.float32)
-    import torch.distributed as dist
-    from torch.distributed.tensor import Replicate, Shard
-
-    mesh, placements = tensor.device_mesh, tensor.placements
-    local = tensor.to_local().detach()
-    if all(isinstance(p, Replicate) for p in placements):
-        return local.reshape(-1)[index.to(local.device)].to(device="cpu", dtype=torch.float32)
-    if mesh.ndim != 1 or not isinstance(placements[0], Shard):
-        return tensor.full_tensor().detach().reshape(-1)[index.to(local.device)].to("cpu", torch.float32)
-    dim = placements[0].dim % tensor.ndim
-    shape = tuple(tensor.shape)
-    chunk = -(-shape[dim] // mesh.size())  # torch.chunk semantics: ceil(size / ranks) rows per rank
-    start = mesh.get_local_rank() * chunk
-    coords = list(torch.unravel_index(index, shape))  # tensor.ndim tensors of (k,)
-    mine = (coords[dim] >= start) & (coords[dim] < start + local.shape[dim])  # (k,)
-    values = torch.zeros(len(positions), dtype=torch.float32, device=local.device)
-    if bool(mine.any()):
-        coords[dim] = coords[dim] - start
-        picked = tuple(c[mine].to(local.device) for c in coords)
-        values[mine.to(local.device)] = local[picked].to(torch.float32)
-    dist.all_reduce(values, group=mesh.get_group())  # each position is owned by exactly one rank
-    return values.cpu()
-
-
-def gather_trainable(module: nn.Module, *, full: bool) -> dict[str, torch.Tensor]:
-    """The delta tensors of ``module`` (:func:`lightning_peft.delta.trainable_state_dict`), sharded or gathered.
-
-    Only trainable tensors are touched, so the frozen model is never materialized.
-
-    Args:
-        module: A plain or FSDP2-sharded model.
-        full: Gather every sharded tensor in full on every rank (a collective: call it on
-            every rank, in the same order), moved to the CPU. Otherwise sharded tensors stay
-            ``DTensor`` shards, which ``torch.distributed.checkpoint`` writes shard by shard.
-
-    Returns:
-        ``{qualified_name: tensor}``, detached, in module order.
-    """
-    from .delta import trainable_state_dict
-
-    out = {}
-    for name, tensor in trainable_state_dict(module).items():
-        if full and hasattr(tensor, "full_tensor"):
-            tensor = tensor.full_tensor().cpu()
-        out[name] = tensor
-    return out
-
-
-@torch.no_grad()
-def load_trainable(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Copy delta tensors (full or with the model's own sharding) into a plain or sharded ``module``.
-
-    Full tensors must be the same on every rank; each rank keeps its own shard (no
-    communication).
-
-    Raises:
-        KeyError: If the key set is not exactly the module's delta key set.
-        ValueError: On a shape mismatch.
-    """
-    from torch.distributed.tensor import distribute_tensor
-
-    from .delta import trainable_state_dict
-
-    live = trainable_state_dict(module, keep_vars=True)
-    missing, unexpected = sorted(live.keys() - state_dict.keys()), sorted(state_dict.keys() - live.keys())
-    if missing or unexpected:
-        raise KeyError(
-            f"delta tensors do not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}"
-        )
-    for name, target in live.items():
-        value = state_dict[name]
-        if tuple(value.shape) != tuple(target.shape):
-            raise ValueError(f"{name}: saved shape {tuple(value.shape)} != model shape {tuple(target.shape)}")
-        if hasattr(target, "device_mesh"):
-            if not hasattr(value, "device_mesh"):
-                value = distribute_tensor(
-                    value.to(target.device, target.dtype),
-                    target.device_mesh,
-                    target.placements,
-                    src_data_rank=None,
-                )
-            target.to_local().copy_(value.to_local())
-        else:
-            target.copy_(value.full_tensor() if hasattr(value, "full_tensor") else value)
 
 
 # --------------------------------------------------------------------------- Lightning strategies
@@ -313,8 +200,6 @@ def prepare_strategy(trainer: Any, pl_module: nn.Module) -> None:
     strategy = trainer.strategy
     if getattr(strategy, _PREPARED, False):
         return
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-
     if isinstance(strategy, ModelParallelStrategy):
         install_delta_checkpointing(strategy)
     elif isinstance(strategy, FSDPStrategy):
@@ -330,9 +215,9 @@ def install_delta_checkpointing(strategy: Any) -> None:
     Lightning's strategy collects and loads the whole model's state dict; a delta
     checkpoint lacks the frozen tensors, so it could not be loaded back. With this:
 
-    * saving collects only :func:`gather_trainable` (sharded ``DTensor`` pieces for the
-      default ``save_distributed_checkpoint=True``, gathered full tensors otherwise): the
-      frozen model is never gathered or copied;
+    * saving collects only the delta tensors (sharded ``DTensor`` pieces for the default
+      ``save_distributed_checkpoint=True``, gathered full tensors otherwise): the frozen
+      model is never gathered or copied;
     * loading a delta checkpoint verifies it first (methods, base fingerprint, exact key set
       and shapes, by :func:`lightning_peft.checkpointing.on_load_checkpoint`) and then loads
       the delta tensors and the optimizer state shard by shard. Other checkpoints load as
@@ -347,24 +232,19 @@ def install_delta_checkpointing(strategy: Any) -> None:
     strategy._lp_delta_checkpointing = True
 
 
-def _has_delta(module: nn.Module) -> bool:
-    return bool(applied_methods(module)) and next(trainable_named_parameters(module), None) is not None
-
-
 def _state_dict(strategy: Any, original: Any) -> dict[str, Any]:
     module = strategy.lightning_module
-    if not _has_delta(module):
+    state = delta_state_dict(module) if applied_methods(module) else {}
+    if not state:
         return original()
-    return gather_trainable(module, full=not getattr(strategy, "_save_distributed_checkpoint", True))
+    if not getattr(strategy, "_save_distributed_checkpoint", True):
+        state = {name: full_tensor(t).cpu() for name, t in state.items()}  # a collective
+    return state
 
 
 def _load_checkpoint(
     strategy: Any, original: Any, checkpoint_path: Any, weights_only: bool | None = None
 ) -> Any:
-    from lightning.fabric.utilities.load import _METADATA_FILENAME
-
-    from .checkpointing import is_delta_checkpoint, on_load_checkpoint
-
     path = Path(strategy.broadcast(checkpoint_path))
     module = strategy.lightning_module
     if not path.is_dir():  # one file, written with save_distributed_checkpoint=False
@@ -380,28 +260,18 @@ def _load_checkpoint(
             module._strict_loading = strict
         rest.update({k: v for k, v in checkpoint.items() if k not in rest})
         return rest
-    metadata = torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+    metadata = torch.load(path / LIGHTNING_METADATA, weights_only=weights_only)
     if not is_delta_checkpoint(metadata):
         return original(path, weights_only)
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_optimizer_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    from .delta import trainable_state_dict
-
     stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    live = trainable_state_dict(module)
+    live = delta_state_dict(module)
     # Load what the checkpoint holds of our keys; a missing or extra key fails the check below.
     loaded = {name: torch.empty_like(t) for name, t in live.items() if f"state_dict.{name}" in stored}
     dcp.load({"state_dict": loaded}, checkpoint_id=path)
     saved_names = {k.split(".", 1)[1] for k in stored if k.startswith("state_dict.")}
     extra = {name: torch.empty(0) for name in saved_names - loaded.keys()}  # reported by the check
     checkpoint = {**metadata, "state_dict": {**loaded, **extra}}
-    on_load_checkpoint(module, checkpoint)  # methods, fingerprint, key set, shapes
-    load_trainable(module, loaded)
+    on_load_checkpoint(module, checkpoint)  # the one restore path: adapters, fingerprint, key set, copy
     for idx, optimizer in enumerate(strategy.optimizers):
         key = f"optimizer_{idx}"
         state = {key: get_optimizer_state_dict(module, optimizer)}
@@ -428,20 +298,15 @@ def consolidate_checkpoint(folder: str | Path, output: str | Path | None = None)
         The checkpoint dict, with optimizer states keyed by parameter index as a
         single-process optimizer expects.
     """
-    import tempfile
-
-    from lightning.fabric.utilities.load import _METADATA_FILENAME
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     folder = Path(folder)
-    if not (folder / _METADATA_FILENAME).is_file():
+    if not (folder / LIGHTNING_METADATA).is_file():
         raise FileNotFoundError(
-            f"{folder} is not a sharded Lightning checkpoint (no {_METADATA_FILENAME} inside)"
+            f"{folder} is not a sharded Lightning checkpoint (no {LIGHTNING_METADATA} inside)"
         )
     with tempfile.TemporaryDirectory() as tmp:
         dcp_to_torch_save(folder, Path(tmp) / "state.pt")
         state = torch.load(Path(tmp) / "state.pt", map_location="cpu", weights_only=True)
-    checkpoint = torch.load(folder / _METADATA_FILENAME, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(folder / LIGHTNING_METADATA, map_location="cpu", weights_only=False)
     checkpoint["state_dict"] = state.pop("state_dict")
     optimizers = sorted((k for k in state if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1]))
     checkpoint["optimizer_states"] = [_index_keyed(state.pop(k)) for k in optimizers]
@@ -530,8 +395,6 @@ def fsdp_strategy(**kwargs: Any) -> Any:
         **kwargs: Anything ``FSDPStrategy`` accepts (``sharding_strategy``,
             ``mixed_precision``, ``cpu_offload``, ``activation_checkpointing_policy``...).
     """
-    from lightning.pytorch.strategies import FSDPStrategy
-
     if kwargs.get("use_orig_params") is False:
         raise ValueError(
             "fsdp_strategy needs use_orig_params=True (frozen and trainable parameters share units)"
@@ -557,8 +420,6 @@ def configure_deepspeed(strategy: Any, pl_module: Any) -> None:
 
 
 def _deepspeed_load(original: Any, checkpoint_path: Any, weights_only: bool | None = None) -> Any:
-    from .checkpointing import META_KEY
-
     client_state = original(checkpoint_path, weights_only)
     if isinstance(client_state, dict):
         client_state.pop(META_KEY, None)  # weights already loaded by DeepSpeed (see configure_deepspeed)
@@ -580,7 +441,5 @@ def deepspeed_strategy(stage: int = 2, **kwargs: Any) -> Any:
     """
     if stage not in (2, 3):
         raise ValueError(f"stage must be 2 or 3 (ZeRO-1 saves nothing over DDP for adapters), got {stage!r}")
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
     kwargs.setdefault("exclude_frozen_parameters", True)
     return DeepSpeedStrategy(stage=stage, **kwargs)

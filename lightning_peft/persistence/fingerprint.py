@@ -27,8 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .methods.base import trainable_named_parameters
-from .targeting import Conv1D
+from ..core.layers import dense_weight, is_conv1d
+from ..core.ownership import owned_tensors
+from ..core.sharded import sample_positions
+from .errors import CorruptDeltaError, FingerprintMismatchError
 
 IGNORE_FINGERPRINT_ENV = "LIGHTNING_PEFT_IGNORE_FINGERPRINT"
 """Set to ``1`` to turn a fingerprint mismatch into a warning everywhere (checkpoints too)."""
@@ -40,23 +42,10 @@ precisions that still counts as the same tensor."""
 FINGERPRINT_ALGORITHM = "strided-sample-sha256/v1"
 
 
-# --------------------------------------------------------------------------- errors
-class DeltaError(ValueError):
-    """A delta (folder or checkpoint) cannot be applied to this model."""
-
-
-class CorruptDeltaError(DeltaError):
-    """A delta folder is incomplete, damaged or not in the expected format."""
-
-
-class FingerprintMismatchError(DeltaError):
-    """The frozen base model differs from the one the deltas were trained on."""
-
-
 # --------------------------------------------------------------------------- fingerprint
 def _frozen_parameters(obj: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
-    """``(qualified name, owner module, attribute, tensor)`` of each frozen parameter, once each."""
-    trainable = {id(p) for _, p in trainable_named_parameters(obj)}
+    """``(qualified name, owner module, attribute, tensor)`` of each base parameter (owned by nothing), once each."""
+    trainable = {id(o.tensor) for o in owned_tensors(obj)}
     seen: set[int] = set()
     for module_name, module in obj.named_modules():
         for attr, param in module.named_parameters(recurse=False):
@@ -67,7 +56,8 @@ def _frozen_parameters(obj: nn.Module) -> Iterator[tuple[str, nn.Module, str, to
                 yield (f"{module_name}.{attr}" if module_name else attr), module, attr, param
 
 
-def _dtype_name(dtype: torch.dtype | Any) -> str:
+def dtype_name(dtype: torch.dtype | Any) -> str:
+    """``"float32"`` for ``torch.float32``: the dtype spelling recorded with deltas."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -79,28 +69,16 @@ def _logical(module: nn.Module, attr: str, param: torch.Tensor) -> tuple[tuple[i
     4-bit version line up. ``source`` is a tensor to index, or a zero-argument callable that
     returns one (4-bit weights are dequantized one layer at a time, only when sampled).
     """
-    state = getattr(param, "quant_state", None)
-    if state is None and attr == "weight" and hasattr(param, "device_mesh"):
-        # 4-bit codes sharded by FSDP2: the quantization state stays on the layer
-        state = getattr(module, "quant_state", None)
-        if state is not None:
-            from .distributed import dense_sharded_4bit
-
-            shape = tuple(int(s) for s in state.shape)
-            return shape, _dtype_name(state.dtype), lambda: dense_sharded_4bit(module), True
-    if state is not None and attr == "weight":
-        from .quantization import dense_weight
-
-        return (
-            tuple(int(s) for s in state.shape),
-            _dtype_name(state.dtype),
-            lambda: dense_weight(module),
-            True,
-        )
+    state = getattr(param, "quant_state", None) or (
+        getattr(module, "quant_state", None) if attr == "weight" and hasattr(param, "device_mesh") else None
+    )
+    if state is not None and attr == "weight":  # 4-bit codes (FSDP2 shards keep the state on the layer)
+        shape = tuple(int(s) for s in state.shape)
+        return shape, dtype_name(state.dtype), lambda: dense_weight(module), True
     tensor = param.detach()
-    if attr == "weight" and tensor.ndim == 2 and Conv1D and isinstance(module, Conv1D):
+    if attr == "weight" and tensor.ndim == 2 and is_conv1d(module):
         tensor = tensor.T  # stored (in, out); described as (out, in), a view
-    return tuple(tensor.shape), _dtype_name(tensor.dtype), tensor, False
+    return tuple(tensor.shape), dtype_name(tensor.dtype), tensor, False
 
 
 def _sample(tensor: torch.Tensor, k: int = SAMPLES) -> torch.Tensor:
@@ -115,9 +93,7 @@ def _sample(tensor: torch.Tensor, k: int = SAMPLES) -> torch.Tensor:
     k = min(k, n)
     flat = [0] if k == 1 else [i * (n - 1) // (k - 1) for i in range(k)]  # exact integer positions
     if hasattr(tensor, "device_mesh"):  # an FSDP2-sharded DTensor: each rank reads its own positions
-        from .distributed import sample_sharded
-
-        return sample_sharded(tensor, flat)
+        return sample_positions(tensor, flat)
     index = torch.tensor(flat, dtype=torch.long, device=tensor.device)
     if tensor.ndim == 0:
         values = tensor.reshape(1)

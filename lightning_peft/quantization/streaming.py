@@ -19,32 +19,31 @@ import functools
 import json
 import os
 import struct
-import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from .quantization import QuantSpec, is_quantized, quantizable_modules, quantize_linear
-from .targeting import HEAD_NAMES, LINEAR_TYPES, head_module_names, replace_module
+try:
+    from transformers.initialization import no_init_weights
+except ImportError:  # transformers 4.x keeps it in modeling_utils
+    from transformers.modeling_utils import no_init_weights
+
+from ..core.layers import LINEAR_TYPES, is_4bit
+from ..core.targeting import HEAD_NAMES, head_module_names, replace_module
+from ..hub import local_folder
+from ..methods.base import is_applying
+from .convert import quantizable_modules
+from .kernels import quantize_linear
+from .spec import QuantSpec
+
+__all__ = ["iter_safetensors", "load_quantized", "quantize_on_init", "safetensors_files"]
 
 # --------------------------------------------------------------------------- quantize while building
-_ON_INIT_DEPTH = 0
-
-
-def _applying_method() -> bool:
-    """Whether a :meth:`Method.apply` is on the call stack (its layers are never quantized)."""
-    from .methods.base import Method
-
-    code = Method.apply.__code__
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code is code:
-            return True
-        frame = frame.f_back
-    return False
+_ON_INIT_DEPTH = [0]
 
 
 @contextlib.contextmanager
@@ -83,15 +82,14 @@ def quantize_on_init(
         )
     if skip_heads:
         skip |= set(HEAD_NAMES)
-    global _ON_INIT_DEPTH
-    if _ON_INIT_DEPTH:
+    if _ON_INIT_DEPTH[0]:
         yield
         return
 
     def hook(parent: nn.Module, name: str, child: nn.Module | None) -> nn.Module | None:
-        if not isinstance(child, LINEAR_TYPES) or is_quantized(child) or name in skip:
+        if not isinstance(child, LINEAR_TYPES) or is_4bit(child) or name in skip:
             return None
-        if child.weight.device.type == "meta" or _applying_method():
+        if child.weight.device.type == "meta" or is_applying():
             return None
         layer = quantize_linear(child, **spec.layer_kwargs())
         layer.weight._is_hf_initialized = True
@@ -99,11 +97,11 @@ def quantize_on_init(
         return layer
 
     handle = register_module_module_registration_hook(hook)
-    _ON_INIT_DEPTH += 1
+    _ON_INIT_DEPTH[0] += 1
     try:
         yield
     finally:
-        _ON_INIT_DEPTH -= 1
+        _ON_INIT_DEPTH[0] -= 1
         handle.remove()
 
 
@@ -179,10 +177,6 @@ def _parameters_on_meta() -> Iterator[None]:
 
 def _no_init() -> contextlib.AbstractContextManager:
     """Skip weight initialization while building the skeleton (every parameter is loaded later)."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers: initialization runs, on tensors freed right away
-        return contextlib.nullcontext()
     return no_init_weights()
 
 
@@ -227,7 +221,8 @@ def load_quantized(
     the full-precision model.
 
     Args:
-        source: A local folder (``config.json`` + ``*.safetensors``), or
+        source: A local folder (``config.json`` + ``*.safetensors``), a hub id (fetched
+            into the Hugging Face cache; ``HF_HUB_OFFLINE=1`` reads only the cache), or
             ``"embedded:all-MiniLM-L6-v2"``.
         auto_class: A transformers auto class or model class (default
             ``AutoModelForCausalLM``).
@@ -244,16 +239,13 @@ def load_quantized(
         classifier) are freshly initialized, as ``from_pretrained`` does.
 
     Raises:
-        FileNotFoundError: If ``source`` holds no safetensors weights.
+        FileNotFoundError: If ``source`` is neither a folder nor a hub id that can be fetched,
+            or holds no safetensors weights.
         ValueError: If the checkpoint lacks tensors the model needs.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .modules import resolve_model_source
-
-    folder = resolve_model_source(source)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"load_quantized reads local folders; {source!r} is not one")
+    folder = local_folder(
+        source, what="model", allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]
+    )
     files = safetensors_files(folder)
     spec = spec or QuantSpec()
     auto_class = auto_class or AutoModelForCausalLM

