@@ -24,15 +24,17 @@ GPUS = min(torch.cuda.device_count(), 2) if torch.cuda.is_available() else 0
 SAMPLES = 8  # two steps per epoch
 STEPS = 4
 
-METHODS = {
-    "lora": lambda c: c.LoRA(r=4, alpha=8, dropout=0.0, target_modules="all-linear"),
-    "dora": lambda c: c.LoRA(r=4, alpha=8, dropout=0.0, target_modules=["query", "value"], use_dora=True),
-    "adapter": lambda c: c.Adapter(bottleneck=8),
-    "prefix": lambda c: c.PrefixTuning(num_virtual_tokens=4),
-    "prompt": lambda c: c.PromptTuning(num_virtual_tokens=4),
-    "partial": lambda c: c.PartialFinetuning(parts=["bias"], last_n_layers=1),
-    "full": lambda c: c.FullFinetuning(),
-}
+
+def _methods() -> dict:
+    """Every registered method's example configuration (a new method joins by registering), plus DoRA."""
+    from lightning_peft.methods.base import registry
+
+    methods = {name: (cls.callback_name, dict(cls.example)) for name, cls in sorted(registry().items())}
+    methods["dora"] = ("LoRA", {"r": 4, "alpha": 8, "target_modules": ["query", "value"], "use_dora": True})
+    return methods
+
+
+METHODS = _methods()
 
 
 def classifier(seed: int = 0):
@@ -98,7 +100,8 @@ def build(name: str, method_seed: int = 1, **module_kw):
     from lightning_peft import callbacks as c
 
     module = SequenceClassifier(classifier(), num_labels=2, lr=1e-2, schedule="constant", **module_kw)
-    callback = METHODS[name](c)
+    callback_name, options = METHODS[name]
+    callback = getattr(c, callback_name)(**options)
     torch.manual_seed(method_seed)
     callback.apply(module)
     return module, callback

@@ -100,7 +100,9 @@ def test_generic_code_reaches_methods_only_through_the_contract(path):
     reached = []
     for node, name, items, _ in _imports(path):
         if name == "lightning_peft.methods":
-            reached += [f"line {node.lineno}: methods.{i}" for i in items if i not in CONTRACT and not i[0].isupper()]
+            reached += [
+                f"line {node.lineno}: methods.{i}" for i in items if i not in CONTRACT and not i[0].isupper()
+            ]
         elif name.startswith("lightning_peft.methods."):
             if name.split(".")[2] not in CONTRACT:
                 reached.append(f"line {node.lineno}: {name}")

@@ -52,6 +52,7 @@ __all__ = [
     "declare_state",
     "declare_trainable",
     "owned_tensors",
+    "transfer_declarations",
     "undeclare",
     "unwrapped",
 ]
@@ -142,6 +143,13 @@ def declare_state(module: nn.Module, names: Iterable[str] | None = None, *, adap
 def declarations(module: nn.Module) -> dict[tuple[str, str], set[str]]:
     """The declarations made on ``module`` itself: ``{(adapter, role): names}`` (a copy)."""
     return {key: set(names) for key, names in getattr(module, _ATTR, {}).items()}
+
+
+def transfer_declarations(source: nn.Module, target: nn.Module) -> None:
+    """Give ``target`` (a module replacing ``source``, e.g. its 4-bit version) ``source``'s declarations."""
+    table = getattr(source, _ATTR, None)
+    if table:
+        object.__setattr__(target, _ATTR, {key: set(names) for key, names in table.items()})
 
 
 def undeclare(module: nn.Module, adapter: str | None = None) -> None:

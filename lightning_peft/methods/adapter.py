@@ -206,6 +206,7 @@ class AdapterConfig(Method):
 
     name = "adapter"
     callback_name = "Adapter"
+    example = {"bottleneck": 8}
 
     def __post_init__(self) -> None:
         super().__post_init__()

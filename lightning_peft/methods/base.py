@@ -19,6 +19,8 @@ hook                     what generic code uses it for             default
 ``from_peft_config``
 ``remove(model)``        ``delete_adapter``                        "cannot be deleted"
 ``check_routable``       ``adapter_per_row``                       "not supported for this method"
+``starts_as_base``,      what the conformance tests expect          ``True``, ``{}``
+``example``
 =======================  ========================================  ==================================
 
 Trainability and ownership are *declared* on modules (:mod:`lightning_peft.core.ownership`)
@@ -74,6 +76,12 @@ class Method:
     in_place: ClassVar[bool] = False
     """Trains tensors of the base itself (full and partial fine-tuning): always active, cannot be
     switched off, deleted or routed per row."""
+    starts_as_base: ClassVar[bool] = True
+    """Freshly applied, the model computes exactly what the base computed (``False`` for
+    methods that add inputs, such as prompts and prefixes)."""
+    example: ClassVar[dict[str, Any]] = {}
+    """Options of a small configuration that works on any transformer (the conformance tests
+    and the docs use it)."""
 
     adapter_name: str = dataclasses.field(default="default", kw_only=True)
     """Name of this adapter; a second name adds a second adapter to the same model."""

@@ -231,6 +231,7 @@ class LoRAConfig(Method):
 
     name = "lora"
     callback_name = "LoRA"
+    example = {"r": 4, "alpha": 8}
     peft_types = ("LORA",)
 
     def __post_init__(self) -> None:

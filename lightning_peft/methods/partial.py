@@ -35,12 +35,15 @@ class PartialFinetuningConfig(Method):
 
     name = "partial"
     callback_name = "PartialFinetuning"
+    example = {"parts": ["layernorm"], "last_n_layers": 1}
     in_place = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.parts, str):
             self.parts = [self.parts]
+        if not isinstance(self.parts, (list, tuple)) or not all(isinstance(p, str) for p in self.parts):
+            raise ValueError(f"parts must be a list of names from {list(PARTS)}, got {self.parts!r}")
         self.parts = list(self.parts)
         unknown = [p for p in self.parts if p not in PARTS]
         if unknown:

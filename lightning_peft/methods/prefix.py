@@ -243,6 +243,8 @@ class PrefixTuningConfig(Method):
 
     name = "prefix"
     callback_name = "PrefixTuning"
+    example = {"num_virtual_tokens": 4}
+    starts_as_base = False
     peft_types = ("PREFIX_TUNING",)
 
     def __post_init__(self) -> None:

@@ -255,6 +255,8 @@ class PromptTuningConfig(Method):
 
     name = "prompt"
     callback_name = "PromptTuning"
+    example = {"num_virtual_tokens": 4}
+    starts_as_base = False
     peft_types = ("PROMPT_TUNING",)
 
     def __post_init__(self) -> None:
@@ -264,6 +266,12 @@ class PromptTuningConfig(Method):
             raise ValueError(f"PromptTuning num_virtual_tokens must be a positive integer, got {n!r}")
         if self.init_text is not None and (not isinstance(self.init_text, str) or not self.init_text.strip()):
             raise ValueError(f"init_text must be a non-empty string or None, got {self.init_text!r}")
+        if self.tokenizer is not None and (
+            not isinstance(self.tokenizer, (str, os.PathLike)) or not str(self.tokenizer)
+        ):
+            raise ValueError(
+                f"tokenizer must be a folder or hub id (or None for the model's own), got {self.tokenizer!r}"
+            )
         if self.position not in POSITIONS:
             raise ValueError(
                 f"unknown PromptTuning position {self.position!r}; choose from {list(POSITIONS)}"

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..core.layers import LINEAR_TYPES, Conv1D, dense_weight, is_4bit, is_conv1d
-from ..core.ownership import owned_tensors
+from ..core.ownership import owned_tensors, transfer_declarations
 from ..core.targeting import head_module_names, replace_module
 from ..methods.base import applied_methods
 from .kernels import quantize_linear
@@ -43,9 +43,10 @@ def quantizable_modules(
     """The layers :func:`quantize_model` replaces, as ``(qualified_name, module)`` pairs.
 
     A layer qualifies if it is an ``nn.Linear`` or ``Conv1D`` (not already 4-bit) and
-    none of these holds: one of its tensors is owned by an adapter or by the model (see
+    none of these holds: its weight is owned by an adapter or by the model (see
     :mod:`lightning_peft.core.ownership`: trainable, or an adapter's own frozen state) or
-    has ``requires_grad``; its weight is shared with another module (tied embeddings); it
+    has ``requires_grad`` (a trained bias alone does not count: it stays trainable beside
+    the 4-bit weight); its weight is shared with another module (tied embeddings); it
     is, or lies inside, an output head (:func:`~lightning_peft.core.targeting.head_module_names`,
     when ``skip_heads``), a module named in ``skip_modules`` (full names or trailing
     components), or a layer an applied method keeps in full precision
@@ -66,9 +67,8 @@ def quantizable_modules(
     for name, module in model.named_modules():
         if not name or not isinstance(module, LINEAR_TYPES) or is_4bit(module):
             continue
-        params = list(module.parameters(recurse=False))
-        if any(id(p) in trainable for p in params) or owners.get(id(module.weight), 0) > 1:
-            continue
+        if id(module.weight) in trainable or owners.get(id(module.weight), 0) > 1:
+            continue  # a trained or shared weight stays as it is (a trained bias rides along)
         if skip and _matches(name, skip):
             continue
         chosen.append((name, module))
@@ -103,11 +103,18 @@ def quantize_model(
     """
     spec = spec or QuantSpec()
     names = []
+    kept = _kept_ids(model)
     for name, module in quantizable_modules(model, skip_modules, skip_heads=skip_heads):
         if module.weight.device.type == "meta":
             raise ValueError(f"layer {name} is on the meta device; load its weights before quantizing")
         layer = quantize_linear(module, device=device, **spec.layer_kwargs())
         layer.train(module.training)
+        bias = getattr(module, "bias", None)
+        if bias is not None and id(bias) in kept:  # BitFit over 4-bit: the same trained bias object
+            if device is not None:
+                bias.data = bias.data.to(device)
+            layer.bias = bias
+        transfer_declarations(module, layer)
         replace_module(model, name, layer)
         del module
         names.append(name)
