@@ -25,6 +25,7 @@ INSTALL_REQUIRES = [
     "wandb>=0.17",
     "jsonargparse[signatures]>=4.32",
     "tqdm",
+    "matplotlib>=3.5",  # the plots of lightning-peft compare
 ]
 
 EXTRAS = {
