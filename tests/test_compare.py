@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import lightning_peft
 from lightning_peft.cli import main
 from lightning_peft.compare import (
     COLUMNS,
@@ -28,7 +29,7 @@ from lightning_peft.compare import (
 from lightning_peft.compare_measure import median_after_warmup
 from lightning_peft.compare_plots import PLOTS
 
-ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_ROOT = Path(lightning_peft.__file__).parent.parent  # where the runs must import it from too
 PNG = b"\x89PNG\r\n\x1a\n"
 
 ROWS = [
@@ -78,7 +79,7 @@ ADAPTER = "{class_path: lightning_peft.callbacks.Adapter, init_args: {bottleneck
 
 @pytest.fixture
 def recipes(tmp_path, monkeypatch) -> Path:
-    """A folder with tiny MiniLM recipes (8 examples, 2 batches); runs see this checkout's package."""
+    """A folder with tiny MiniLM recipes (8 examples, 2 batches); runs import the package the tests do."""
     folder = tmp_path / "recipes"
     (folder / "data").mkdir(parents=True)
     lines = "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in ROWS)
@@ -89,7 +90,9 @@ def recipes(tmp_path, monkeypatch) -> Path:
     (folder / "broken.yaml").write_text(RECIPE.format(lr=-1.0, method=LORA))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))
+    )
     return folder
 
 
@@ -144,6 +147,11 @@ def test_two_recipes_two_seeds(recipes, tmp_path, capsys):
         "lightning_peft.compare_measure.Measure",
     ]
     assert "| lora |" in capsys.readouterr().out
+    # merging for the latency came after the checkpoints were written: they load onto a fresh base
+    module = lightning_peft.SequenceClassifier.load_from_checkpoint(
+        out / "runs" / "lora-seed0" / "checkpoints" / "last.ckpt", map_location="cpu"
+    )
+    assert [m.name for m in lightning_peft.applied_methods(module)] == ["lora"]
 
 
 def test_a_failing_run_is_recorded_and_the_others_continue(recipes, tmp_path, capsys):
@@ -300,6 +308,8 @@ def test_arguments_and_plan(recipes):
         "--seed_everything=1",
         "--trainer.callbacks+=lightning_peft.compare_measure.Measure",
     ]
+    with pytest.raises(ValueError, match="given twice"):
+        plan_runs(["recipes/lora.yaml", str(recipes / "lora.yaml")], 1)
     for bad, message in (
         ([], "no recipes"),
         (["recipes/lora.yaml"], "at least 1"),
