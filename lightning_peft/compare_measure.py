@@ -1,7 +1,7 @@
 """The measurements of one ``lightning-peft compare`` run, taken inside its ``fit`` process.
 
 :class:`Measure` is the callback ``lightning-peft compare`` appends to every run
-(``--trainer.callbacks+=lightning_peft.compare_measure.Measure``). When training ends it writes
+(``--trainer.callbacks+=lightning_peft.compare_measure.Measure``). When ``fit`` ends it writes
 the run's numbers as JSON to the file named by the ``LIGHTNING_PEFT_COMPARE_OUT`` environment
 variable; the parent process (:mod:`lightning_peft.compare`) reads them back. This module is all
 a run process imports of the comparison.
@@ -121,7 +121,7 @@ def _first_batch(loaders: Any) -> Any:
 
 
 class Measure(L.Callback):
-    """Measure one ``fit`` run and write the numbers as JSON when training ends.
+    """Measure one ``fit`` run and write the numbers as JSON when it ends.
 
     Added to every run by ``lightning-peft compare``; works in any Lightning run. It times each
     training batch (``on_train_batch_start`` to ``on_train_batch_end``, synchronizing CUDA on a
