@@ -26,6 +26,7 @@ INSTALL_REQUIRES = [
     "jsonargparse[signatures]>=4.32",
     "tqdm",
     "huggingface_hub>=0.23",
+    "matplotlib>=3.5",  # the plots of lightning-peft compare
 ]
 
 EXTRAS = {

