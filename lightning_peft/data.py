@@ -41,7 +41,9 @@ IGNORE_INDEX = -100
 
 
 # --------------------------------------------------------------------------- paths
-def _resolve_file(argument: str, value: str | os.PathLike[str], root: str | os.PathLike[str] | None) -> Path:
+def resolve_data_file(
+    argument: str, value: str | os.PathLike[str], root: str | os.PathLike[str] | None
+) -> Path:
     """Resolve a data file argument and check that it exists and has a known extension."""
     path = Path(os.path.expanduser(os.fspath(value)))
     if not path.is_absolute():
@@ -177,9 +179,9 @@ class _TokenizedData(L.LightningDataModule):
         self.save_hyperparameters(ignore=[] if isinstance(tokenizer, str | os.PathLike) else ["tokenizer"])
         self.root = root
         self.files: dict[str, Path | None] = {
-            "train": _resolve_file("train_file", train_file, root),
-            "val": _resolve_file("val_file", val_file, root),
-            "test": _resolve_file("test_file", test_file, root) if test_file is not None else None,
+            "train": resolve_data_file("train_file", train_file, root),
+            "val": resolve_data_file("val_file", val_file, root),
+            "test": resolve_data_file("test_file", test_file, root) if test_file is not None else None,
         }
         self.max_length = max_length
         self.batch_size = batch_size

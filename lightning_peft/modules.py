@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from . import checkpointing
+from .adapters import adapter_per_row
 from .core.ownership import declare_trainable
 from .core.targeting import head_module_names
 from .hub import resolve_model_source
@@ -94,8 +95,16 @@ class _FrozenBackboneModule(L.LightningModule):
         sync_requires_grad(self)
 
     def forward(self, **batch: Any) -> Any:
-        """Run the backbone on a tokenizer-style batch (plus ``labels``); returns its output."""
-        return self.backbone(**batch)
+        """Run the backbone on a tokenizer-style batch (plus ``labels``); returns its output.
+
+        A batch may carry ``adapter_names``, one adapter name (or ``None``) per row: row *i*
+        then runs through adapter *i* alone (see :func:`lightning_peft.adapter_per_row`).
+        """
+        names = batch.pop("adapter_names", None)
+        if names is None:
+            return self.backbone(**batch)
+        with adapter_per_row(self, list(names)):
+            return self.backbone(**batch)
 
     def configure_model(self) -> None:
         """Shard the backbone with FSDP2 when ``ModelParallelStrategy`` provides a device mesh.
@@ -350,6 +359,11 @@ class CausalLM(_FrozenBackboneModule):
         counted = (target != -100).sum(-1)  # (B,)
         return nll.sum(-1) / counted  # (B,), nan where nothing is labelled
 
-    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``backbone.generate`` (with whatever the active method learned)."""
-        return self.backbone.generate(*args, **kwargs)
+    def generate(
+        self, *args: Any, adapter_names: list[str | None] | None = None, **kwargs: Any
+    ) -> torch.Tensor:
+        """``backbone.generate`` with the active adapters, or row *i* with ``adapter_names[i]``."""
+        if adapter_names is None:
+            return self.backbone.generate(*args, **kwargs)
+        with adapter_per_row(self, list(adapter_names)):
+            return self.backbone.generate(*args, **kwargs)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.heads import remove_copies, saved_module_target, saved_modules
 from ..core.layers import dense_weight, editable_weight, is_conv1d, layer_features
 from ..core.ownership import AdapterPart, LayerWrapper, declare_trainable, undeclare
 from ..core.targeting import backbone_prefix, find_backbone, matches, replace_module, select_modules
@@ -323,13 +324,9 @@ class IA3Config(Method):
         return {name: layer.folded(dtype) for name, layer in ia3_layers(model, self.adapter_name)}
 
     def remove(self, model: nn.Module) -> None:
-        """Take this adapter's vectors out; a layer left without any gets its plain self back."""
-        if self.modules_to_save:
-            raise MethodError(
-                f"(IA)³ adapter {self.adapter_name!r} trained modules_to_save in place; deleting it cannot give "
-                "the base model back"
-            )
+        """Take this adapter's vectors (and module copies) out; a layer left without vectors gets its plain self back."""
         self.unmerge(model)
+        remove_copies(model, self.adapter_name)
         for name, layer in ia3_layers(model, self.adapter_name):
             del layer.ia3[self.adapter_name]
             if not len(layer.ia3):
@@ -348,11 +345,9 @@ class IA3Config(Method):
         if not layers:
             raise MethodError(f"to_peft: the model has no (IA)³ layers of adapter {self.adapter_name!r}")
         state = {f"{name}.ia3_l": layer.ia3[self.adapter_name].ia3_l.detach() for name, layer in layers}
-        saved = []
-        if self.modules_to_save:
-            saved = [n for n, _ in select_modules(backbone, self.modules_to_save, types=(nn.Module,))]
-        for module_name in saved:
-            for pname, param in backbone.get_submodule(module_name).named_parameters():
+        saved = saved_modules(model, self.adapter_name)
+        for module_name, module in saved.items():
+            for pname, param in module.named_parameters():
                 state[f"{module_name}.{pname}"] = param.detach()
         names = sorted(n for n, _ in layers)
         config = {
@@ -360,7 +355,7 @@ class IA3Config(Method):
             "target_modules": names,
             "feedforward_modules": sorted(n for n, layer in layers if layer.feedforward),
             "fan_in_fan_out": any(is_conv1d(layer.innermost()) for _, layer in layers),
-            "modules_to_save": saved or None,
+            "modules_to_save": list(saved) or None,
             "init_ia3_weights": True,
             "inference_mode": True,
             "task_type": "CAUSAL_LM"
@@ -378,9 +373,12 @@ class IA3Config(Method):
             name = key.removeprefix("base_model.model.")
             for peft_part in (f".ia3_l.{self.adapter_name}", ".ia3_l.default", ".ia3_l"):
                 if name.endswith(peft_part):
-                    name = f"{name[: -len(peft_part)]}.ia3.{self.adapter_name}.ia3_l"
+                    target = f"{prefix}{name[: -len(peft_part)]}.ia3.{self.adapter_name}.ia3_l"
                     break
-            target = prefix + name
+            else:  # a module saved in full (PEFT's modules_to_save)
+                target = saved_module_target(
+                    model, name.replace(".modules_to_save.default.", "."), self.adapter_name
+                )
             if target not in ours or tuple(ours[target].shape) != tuple(value.shape):
                 raise MethodError(
                     f"PEFT key {key!r} {tuple(value.shape)} has no counterpart in this model ({target}); was the "
