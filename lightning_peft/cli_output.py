@@ -294,7 +294,7 @@ def describe_run_files(trainer: L.Trainer) -> list[str]:
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             folder = getattr(getattr(logger.experiment, "settings", None), "sync_dir", None)
-            if folder:
+            if folder and os.path.isdir(folder):  # WANDB_MODE=disabled names a folder it never writes
                 lines.append(f"wandb run: {_shown_path(folder)}")
     return lines
 
