@@ -24,7 +24,7 @@ from lightning_peft.cli import build_cli
 from lightning_peft.hub import resolve_model_path
 from lightning_peft.methods.base import trainable_named_parameters
 
-from conftest import RECIPES, fit_recipe
+from conftest import RECIPES, fit_recipe, minilm_batches
 
 SHORT = ["--trainer.max_steps=3", "--trainer.limit_val_batches=1", "--data.init_args.batch_size=8"]
 
@@ -35,19 +35,6 @@ def _held(optimizer: torch.optim.Optimizer) -> set[int]:
 
 def _lora_b(module: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters() if "lora_b" in n}
-
-
-def _batches(path: str, n: int = 3) -> list[dict[str, torch.Tensor]]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    texts = ["a lovely little film", "cold food and a rude waiter", "works as promised", "broke in a week"]
-    out = []
-    for i in range(n):
-        enc = dict(tok([texts[i % 4], texts[(i + 1) % 4]], padding=True, return_tensors="pt"))
-        enc["labels"] = torch.tensor([1 - i % 2, i % 2])
-        out.append(enc)
-    return out
 
 
 def _fit(module: L.LightningModule, batches, steps: int = 3) -> L.Trainer:
@@ -179,7 +166,7 @@ def test_python_optimizer_factory_keeps_grouping_and_warmup(minilm_path):
     module = SequenceClassifier(
         minilm_path, warmup_steps=10, optimizer=partial(torch.optim.SGD, lr=0.5, weight_decay=0.1)
     )
-    trainer = _fit(module, _batches(minilm_path), steps=2)
+    trainer = _fit(module, minilm_batches(minilm_path, n=3), steps=2)
     optimizer = trainer.optimizers[0]
     _assert_exactly_trainable(module, optimizer)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
@@ -198,7 +185,7 @@ def test_python_scheduler_and_checkpoint_with_weights_only(minilm_path, tmp_path
         optimizer=torch.optim.Adam,
         lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
     )
-    trainer = _fit(module, _batches(minilm_path), steps=2)
+    trainer = _fit(module, minilm_batches(minilm_path, n=3), steps=2)
     assert type(trainer.lr_scheduler_configs[0].scheduler) is torch.optim.lr_scheduler.StepLR
     trainer.save_checkpoint(tmp_path / "run.ckpt")
     checkpoint = torch.load(tmp_path / "run.ckpt", weights_only=True)
