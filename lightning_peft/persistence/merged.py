@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -26,8 +27,10 @@ def export_merged(
     device, so nothing big is allocated twice), filled with
     :func:`lightning_peft.merging.merged_state_dict` (4-bit bases dequantized), and saved.
     The folder has no adapter tensors and loads with bare ``transformers``. The live model
-    is not changed. The tokenizer (``tokenizer``, else a ``tokenizer`` attribute of ``obj``)
-    is saved beside it.
+    is not changed. The tokenizer (``tokenizer``, else a ``tokenizer`` attribute of ``obj``:
+    ``SequenceClassifier``/``CausalLM`` have one) is saved beside it, and a warning says so
+    when there is none. The config is the live model's, so a classifier's ``id2label``
+    (``SequenceClassifier(label_names=...)``) comes along.
 
     Safe on every rank of a distributed run: every rank gathers, rank 0 writes.
 
@@ -74,11 +77,17 @@ def export_merged(
     _materialize_buffers(clean, backbone)
     clean.eval()
     tokenizer = tokenizer if tokenizer is not None else getattr(obj, "tokenizer", None)
+    if not hasattr(tokenizer, "save_pretrained"):
+        warnings.warn(
+            f"export_merged: no tokenizer is saved in {os.fspath(directory)} (pass tokenizer=...); "
+            "AutoTokenizer.from_pretrained on that folder would build one that knows almost no words",
+            stacklevel=2,
+        )
 
     def write() -> str:
         os.makedirs(directory, exist_ok=True)
         clean.save_pretrained(directory)
-        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        if hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(directory)
         return os.fspath(directory)
 
