@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from ..core.ownership import MODULE, TRAIN, adapter_parts, owned_tensors
+from ..core.targeting import backbone_prefix, find_backbone, head_module_names, select_modules
 
 REGISTRY: dict[str, type[Method]] = {}
 """Registered methods by :attr:`Method.name` (see :func:`registry`, which also discovers them)."""
@@ -465,3 +466,29 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if id(param) in trainable_ids:
             trainable += n
     return trainable, total
+
+
+def modules_saved_in_full(
+    model: nn.Module, adapter_name: str, modules_to_save: str | list[str] | None = None
+) -> list[str]:
+    """Names (relative to the Hugging Face model) of the modules an adapter's PEFT form saves whole.
+
+    The adapter's ``modules_to_save`` and the task heads (``classifier``, ``score``, ...)
+    whose every parameter the adapter or the model itself trains, as PEFT's
+    ``modules_to_save``. Used by the methods' ``to_peft`` so no trained head is lost.
+    """
+    backbone = find_backbone(model)
+    prefix = backbone_prefix(model)
+    owners = {id(o.tensor): o.adapter for o in owned_tensors(model) if o.role == TRAIN}
+    mine = {adapter_name, MODULE}
+    candidates = []
+    if modules_to_save:
+        candidates += [n for n, _ in select_modules(backbone, modules_to_save, types=(nn.Module,))]
+    candidates += [n[len(prefix) :] for n in head_module_names(model) if n.startswith(prefix)]
+    names: list[str] = []
+    for name in candidates:
+        params = list(backbone.get_submodule(name).parameters())
+        if params and all(owners.get(id(p)) in mine for p in params):
+            if name not in names and not any(name.startswith(other + ".") for other in names):
+                names.append(name)
+    return names

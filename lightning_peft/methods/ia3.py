@@ -28,7 +28,7 @@ from torch import nn
 from ..core.layers import dense_weight, editable_weight, is_conv1d, layer_features
 from ..core.ownership import AdapterPart, LayerWrapper, declare_trainable, undeclare
 from ..core.targeting import backbone_prefix, find_backbone, matches, replace_module, select_modules
-from .base import Method, MethodError, register
+from .base import Method, MethodError, modules_saved_in_full, register
 
 # Each family's usual targets and feed-forward layers (those whose input is scaled).
 DEFAULT_TARGETS: dict[str, tuple[list[str], list[str]]] = {
@@ -348,9 +348,7 @@ class IA3Config(Method):
         if not layers:
             raise MethodError(f"to_peft: the model has no (IA)³ layers of adapter {self.adapter_name!r}")
         state = {f"{name}.ia3_l": layer.ia3[self.adapter_name].ia3_l.detach() for name, layer in layers}
-        saved = []
-        if self.modules_to_save:
-            saved = [n for n, _ in select_modules(backbone, self.modules_to_save, types=(nn.Module,))]
+        saved = modules_saved_in_full(model, self.adapter_name, self.modules_to_save)
         for module_name in saved:
             for pname, param in backbone.get_submodule(module_name).named_parameters():
                 state[f"{module_name}.{pname}"] = param.detach()

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from ..core.layers import dense_weight, editable_weight, is_conv1d, layer_features
-from ..core.ownership import MODULE, TRAIN, LayerWrapper, declare_trainable, owned_tensors
-from ..core.targeting import backbone_prefix, find_backbone, head_module_names, replace_module, select_modules
-from .base import Method, MethodError, register
+from ..core.ownership import LayerWrapper, declare_trainable
+from ..core.targeting import backbone_prefix, find_backbone, replace_module, select_modules
+from .base import Method, MethodError, modules_saved_in_full, register
 from .lora_kernels import LoRAWeights, check_names, dora_contribution, low_rank_forward
 
 _PEFT_TASKS = (
@@ -344,7 +344,6 @@ class LoRAConfig(Method):
         plain name.
         """
         backbone = find_backbone(model)
-        prefix = backbone_prefix(model)
         layers = lora_layers(backbone, self.adapter_name)
         if not layers:
             raise MethodError(f"to_peft: the model has no LoRA layers of adapter {self.adapter_name!r}")
@@ -359,7 +358,7 @@ class LoRAConfig(Method):
             state[f"{name}.lora_B.weight"] = weights.lora_b.detach()
             if weights.magnitude is not None:
                 state[f"{name}.lora_magnitude_vector"] = weights.magnitude.detach()
-        saved = self._saved_module_names(model, backbone, prefix)
+        saved = modules_saved_in_full(model, self.adapter_name, self.modules_to_save)
         for module_name in saved:
             for pname, param in backbone.get_submodule(module_name).named_parameters():
                 state[f"{module_name}.{pname}"] = param.detach()
@@ -381,22 +380,6 @@ class LoRAConfig(Method):
             ),
         }
         return config, state
-
-    def _saved_module_names(self, model: nn.Module, backbone: nn.Module, prefix: str) -> list[str]:
-        """Backbone-relative names of modules this adapter (or the model itself) trains in full."""
-        owners = {id(o.tensor): o.adapter for o in owned_tensors(model) if o.role == TRAIN}
-        mine = {self.adapter_name, MODULE}
-        names: list[str] = []
-        candidates = []
-        if self.modules_to_save:
-            candidates += [n for n, _ in select_modules(backbone, self.modules_to_save, types=(nn.Module,))]
-        candidates += [n[len(prefix) :] for n in head_module_names(model) if n.startswith(prefix)]
-        for name in candidates:
-            params = list(backbone.get_submodule(name).parameters())
-            if params and all(owners.get(id(p)) in mine for p in params):
-                if name not in names and not any(name.startswith(other + ".") for other in names):
-                    names.append(name)
-        return names
 
     def from_peft(self, model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Rename a PEFT LoRA state dict to this adapter's tensor names in ``model``.
