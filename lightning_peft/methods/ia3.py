@@ -27,6 +27,7 @@ from torch import nn
 
 from ..core.layers import dense_weight, editable_weight, is_conv1d, layer_features
 from ..core.ownership import AdapterPart, LayerWrapper, declare_trainable, undeclare
+from ..core.sharded import full_tensor
 from ..core.targeting import backbone_prefix, find_backbone, matches, replace_module, select_modules
 from .base import Method, MethodError, modules_saved_in_full, register
 
@@ -156,10 +157,10 @@ class IA3Linear(LayerWrapper):
         base = self.innermost()
         with torch.no_grad():
             weight = dense_weight(base).float().clone()  # (out, in), dequantized if 4-bit
-            bias = base.bias.detach().float().clone() if getattr(base, "bias", None) is not None else None
-            for vector in self.ia3.values():
+            bias = full_tensor(base.bias).float().clone() if getattr(base, "bias", None) is not None else None
+            for vector in self.ia3.values():  # FSDP2 shards are gathered: a collective
                 if vector.active and not vector.merged:
-                    self._fold(weight, bias, vector.ia3_l.detach().float(), undo=False)
+                    self._fold(weight, bias, full_tensor(vector.ia3_l).float(), undo=False)
         out = {"weight": weight.to(dtype)}
         if bias is not None:
             out["bias"] = bias.to(dtype)

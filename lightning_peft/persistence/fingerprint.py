@@ -29,7 +29,7 @@ from torch import nn
 
 from ..core.layers import dense_weight, is_conv1d
 from ..core.ownership import owned_tensors
-from ..core.sharded import sample_positions
+from ..core.sharded import sample_positions, unwrapped_name
 from .errors import CorruptDeltaError, FingerprintMismatchError
 
 IGNORE_FINGERPRINT_ENV = "LIGHTNING_PEFT_IGNORE_FINGERPRINT"
@@ -53,7 +53,8 @@ def _frozen_parameters(obj: nn.Module) -> Iterator[tuple[str, nn.Module, str, to
                 continue
             seen.add(id(param))
             if id(param) not in trainable:
-                yield (f"{module_name}.{attr}" if module_name else attr), module, attr, param
+                name = f"{module_name}.{attr}" if module_name else attr
+                yield unwrapped_name(name), module, attr, param  # as state_dict() names it
 
 
 def dtype_name(dtype: torch.dtype | Any) -> str:

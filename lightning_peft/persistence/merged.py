@@ -10,9 +10,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from ..core.sharded import unwrapped_name
 from ..core.targeting import find_backbone
 from ..merging import merged_state_dict
 from .files import write_once
+from .state import full_parameters
 
 __all__ = ["export_merged"]
 
@@ -29,7 +31,8 @@ def export_merged(
     is not changed. The tokenizer (``tokenizer``, else a ``tokenizer`` attribute of ``obj``)
     is saved beside it.
 
-    Safe on every rank of a distributed run: every rank gathers, rank 0 writes.
+    Safe on every rank of a distributed run (DDP, FSDP2, FSDP): every rank gathers, rank 0
+    writes, the others wait.
 
     Args:
         obj: A LightningModule or ``nn.Module`` holding a Hugging Face ``PreTrainedModel``.
@@ -58,20 +61,21 @@ def export_merged(
             delattr(config, attr)
     with torch.device("meta"):
         clean = type(backbone)(config)
-    state = merged_state_dict(obj, dtype, reference=clean, within=backbone)
-    expected = set(clean.state_dict())
-    unexpected = sorted(set(state) - expected)
-    if unexpected:
-        raise ValueError(
-            f"the model holds tensors a plain {type(backbone).__name__} has no place for "
-            f"({unexpected[:5]}{'...' if len(unexpected) > 5 else ''}); export the adapters with export_peft or "
-            "save_delta instead"
-        )
-    missing = clean.load_state_dict(state, strict=False, assign=True).missing_keys
-    if missing:
-        raise ValueError(f"merged state dict lacks {missing[:5]} of {type(backbone).__name__}")
-    clean.tie_weights()
-    _materialize_buffers(clean, backbone)
+    with full_parameters(obj):  # FSDP1: every unit gathered (a collective); what is kept here are copies
+        state = merged_state_dict(obj, dtype, reference=clean, within=backbone)
+        expected = set(clean.state_dict())
+        unexpected = sorted(set(state) - expected)
+        if unexpected:
+            raise ValueError(
+                f"the model holds tensors a plain {type(backbone).__name__} has no place for "
+                f"({unexpected[:5]}{'...' if len(unexpected) > 5 else ''}); export the adapters with export_peft "
+                "or save_delta instead"
+            )
+        missing = clean.load_state_dict(state, strict=False, assign=True).missing_keys
+        if missing:
+            raise ValueError(f"merged state dict lacks {missing[:5]} of {type(backbone).__name__}")
+        clean.tie_weights()
+        _materialize_buffers(clean, backbone)
     clean.eval()
     tokenizer = tokenizer if tokenizer is not None else getattr(obj, "tokenizer", None)
 
@@ -87,7 +91,7 @@ def export_merged(
 
 def _materialize_buffers(clean: nn.Module, live: nn.Module) -> None:
     """Copy non-persistent buffers (rotary tables, ...) the meta build left empty from the live model."""
-    live_buffers = dict(live.named_buffers())
+    live_buffers = {unwrapped_name(n): b for n, b in live.named_buffers()}
     for name, buf in list(clean.named_buffers()):
         if buf.device.type != "meta":
             continue
