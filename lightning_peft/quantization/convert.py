@@ -15,7 +15,7 @@ from torch import nn
 
 from ..core.layers import LINEAR_TYPES, Conv1D, dense_weight, is_4bit, is_conv1d
 from ..core.ownership import owned_tensors, transfer_declarations
-from ..core.targeting import head_module_names, replace_module
+from ..core.targeting import head_module_names, replace_module, require_matches
 from ..methods.base import applied_methods
 from .kernels import quantize_linear
 from .spec import QuantSpec
@@ -54,6 +54,7 @@ def quantizable_modules(
     method wraps (``LoRALinear.base_layer``) qualify.
     """
     skip = list(skip_modules or ())
+    require_matches(model, skip, "skip_modules")  # a typo would quietly quantize the layer meant to stay
     if skip_heads:
         skip += head_module_names(model)
     for method in applied_methods(model):
