@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import constants as hub_constants
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError
 
@@ -38,8 +39,13 @@ _EMBEDDED_ALIASES = {
     "minilm": "all-minilm-l6-v2",
 }
 
+MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+"""What is fetched of a model repository: configs (sentence-transformers' too), safetensors
+weights and tokenizer files; pickled ``*.bin`` / ``*.pt`` weights are never fetched."""
+
 __all__ = [
     "EMBEDDED_PREFIX",
+    "MODEL_FILES",
     "embedded_hub_id",
     "find_recipe",
     "recipe_folders",
@@ -154,7 +160,8 @@ def local_folder(
     """A local folder holding ``reference``: itself, the embedded model, or a hub snapshot in the cache.
 
     Hub ids go through ``huggingface_hub.snapshot_download`` (only the files matching
-    ``allow_patterns``), which uses the local cache and, with ``HF_HUB_OFFLINE=1``, nothing else.
+    ``allow_patterns``), which uses the local cache (``HF_HUB_CACHE``, by default
+    ``$HF_HOME/hub``) and, with ``HF_HUB_OFFLINE=1``, nothing else.
 
     Args:
         reference: A folder, an ``embedded:`` name, or a hub id.
@@ -162,7 +169,9 @@ def local_folder(
         allow_patterns: Files to fetch from the hub (default: all).
 
     Raises:
-        FileNotFoundError: If it is neither a folder nor a hub id that can be fetched.
+        FileNotFoundError: If it is neither a folder nor a hub id that can be fetched; the
+            message is one line saying why (not in the cache while offline, no such
+            repository, no network).
     """
     source = resolve_model_source(reference)
     if os.path.isdir(source):
@@ -173,16 +182,18 @@ def local_folder(
         raise FileNotFoundError(
             f"{what} {os.fspath(reference)!r} is neither a local folder nor a hub id"
         ) from err
-    except Exception as err:  # offline, unknown repo, network: one clear message
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        hint = (
-            " HF_HUB_OFFLINE is set and it is not in the local cache"
-            if offline
-            else " (no network, or no such repository)"
-        )
+    except Exception as err:  # offline, unknown repo, network: one clear line
+        if hub_constants.HF_HUB_OFFLINE:
+            reason = (
+                f"is not in the Hugging Face cache ({hub_constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 forbids "
+                "downloading it"
+            )
+        else:
+            first_line = " ".join(str(err).split("\n", 1)[0].split())[:200]
+            reason = f"could not be fetched from the hub ({type(err).__name__}: {first_line})"
         raise FileNotFoundError(
-            f"{what} {os.fspath(reference)!r} is not a local folder and could not be fetched from the hub:"
-            f"{hint}. Pass a local folder, or fetch it once with network access. ({type(err).__name__}: {err})"
+            f"{what} {os.fspath(reference)!r} is not a local folder and {reason}: pass a local folder, or fetch it "
+            f"once with network access (hf download {source})"
         ) from err
 
 

@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from . import checkpointing
 from .core.ownership import declare_trainable
 from .core.targeting import head_module_names
-from .hub import resolve_model_source
+from .hub import MODEL_FILES, local_folder
 from .methods.base import sync_requires_grad, trainable_named_parameters
 from .strategies import prepare_strategy, shard_backbone
 
@@ -30,16 +30,14 @@ def load_pretrained(model: str | os.PathLike | nn.Module, auto_class: Any, **kwa
     """Load ``model`` with ``auto_class.from_pretrained`` unless it already is an ``nn.Module``."""
     if isinstance(model, nn.Module):
         return model
-    source = resolve_model_source(model)
+    source = local_folder(model, what="model", allow_patterns=MODEL_FILES)  # a hub id: the cache, or fetched
     try:
         # from_pretrained returns a model in eval mode; fine-tuning wants train mode
         # (dropout on) like any freshly built nn.Module. Validation switches to eval itself.
         return auto_class.from_pretrained(source, **kwargs).train()
     except OSError as err:
-        raise OSError(
-            f"could not load {source!r} as a local folder or hub id ({err}). Without internet, pass a "
-            "local folder that holds config.json and the weights."
-        ) from err
+        reason = " ".join(str(err).split())
+        raise OSError(f"could not load the model in {source!r}: {reason}") from err
 
 
 def random_from_config(model: str | os.PathLike, auto_class: Any, seed: int = 0, **kwargs: Any) -> nn.Module:
@@ -53,7 +51,7 @@ def random_from_config(model: str | os.PathLike, auto_class: Any, seed: int = 0,
         raise ValueError(
             "init='random' needs a model folder or hub id (a config to build from), not a module"
         )
-    config = AutoConfig.from_pretrained(resolve_model_source(model))
+    config = AutoConfig.from_pretrained(local_folder(model, what="model", allow_patterns=["*.json"]))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return auto_class.from_config(config, **kwargs)

@@ -34,7 +34,7 @@ except ImportError:  # transformers 4.x keeps it in modeling_utils
 
 from ..core.layers import LINEAR_TYPES, is_4bit
 from ..core.targeting import HEAD_NAMES, head_module_names, replace_module
-from ..hub import local_folder
+from ..hub import MODEL_FILES, local_folder
 from ..methods.base import is_applying
 from .convert import quantizable_modules
 from .kernels import quantize_linear
@@ -243,9 +243,7 @@ def load_quantized(
             or holds no safetensors weights.
         ValueError: If the checkpoint lacks tensors the model needs.
     """
-    folder = local_folder(
-        source, what="model", allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]
-    )
+    folder = local_folder(source, what="model", allow_patterns=MODEL_FILES)
     files = safetensors_files(folder)
     spec = spec or QuantSpec()
     auto_class = auto_class or AutoModelForCausalLM
