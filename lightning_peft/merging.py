@@ -20,6 +20,7 @@ from .core.layers import dense_weight, is_4bit, is_conv1d
 from .core.ownership import AdapterPart, LayerWrapper, unwrapped
 from .core.sharded import WRAPPER_SEGMENTS, full_tensor, unwrapped_name
 from .methods.base import Method, applied_methods, find_record
+from .progress import progress_bar
 
 __all__ = ["active_adapters", "merge", "merged_state_dict", "unmerge"]
 
@@ -123,7 +124,10 @@ def merged_state_dict(
     def layout(name: str, live: nn.Module) -> bool:
         return is_conv1d(reference.get_submodule(name) if reference is not None else live)
 
+    bar = progress_bar(desc="Merging", total=sum(1 for _ in within.modules()), unit="module")
+
     def visit(module: nn.Module, prefix: str) -> None:
+        bar.update()
         if isinstance(module, AdapterPart):
             return  # folded by its method (active) or left out (inactive)
         name = prefix[:-1]
@@ -153,4 +157,6 @@ def merged_state_dict(
             visit(child, prefix if f"{child_name}." in WRAPPER_SEGMENTS else f"{prefix}{child_name}.")
 
     visit(within, "")
+    bar.update(max(bar.total - bar.n, 0))  # subtrees folded or skipped as a whole
+    bar.close()
     return out

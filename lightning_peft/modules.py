@@ -21,6 +21,7 @@ from .core.ownership import declare_trainable
 from .core.targeting import head_module_names
 from .hub import MODEL_FILES, local_folder
 from .methods.base import sync_requires_grad, trainable_named_parameters
+from .progress import library_bars
 from .strategies import prepare_strategy, shard_backbone
 
 Schedule = Literal["cosine", "linear", "constant"]
@@ -30,11 +31,15 @@ def load_pretrained(model: str | os.PathLike | nn.Module, auto_class: Any, **kwa
     """Load ``model`` with ``auto_class.from_pretrained`` unless it already is an ``nn.Module``."""
     if isinstance(model, nn.Module):
         return model
-    source = local_folder(model, what="model", allow_patterns=MODEL_FILES)  # a hub id: the cache, or fetched
+    with library_bars():  # transformers' and the hub's bars only when ours are on
+        source = local_folder(
+            model, what="model", allow_patterns=MODEL_FILES
+        )  # a hub id: the cache, or fetched
     try:
-        # from_pretrained returns a model in eval mode; fine-tuning wants train mode
-        # (dropout on) like any freshly built nn.Module. Validation switches to eval itself.
-        return auto_class.from_pretrained(source, **kwargs).train()
+        with library_bars():
+            # from_pretrained returns a model in eval mode; fine-tuning wants train mode
+            # (dropout on) like any freshly built nn.Module. Validation switches to eval itself.
+            return auto_class.from_pretrained(source, **kwargs).train()
     except OSError as err:
         reason = " ".join(str(err).split())
         raise OSError(f"could not load the model in {source!r}: {reason}") from err

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..methods.base import MethodError, applied_methods
+from ..progress import progress
 from .errors import CorruptDeltaError, DeltaError
 from .files import deserialize, replace_atomically, serialize, tensor_sha256, write_file, write_once
 from .fingerprint import dtype_name
@@ -134,7 +135,7 @@ def _write_folder(directory: Path, state: dict[str, torch.Tensor], record: dict[
     data_name = f"delta-{generation}.safetensors"
     data = serialize(state, metadata={"format": "pt", "generation": generation})
     write_file(directory / data_name, data)
-    for name, tensor in state.items():
+    for name, tensor in progress(state.items(), desc="Saving the delta", unit="tensor"):
         record["tensors"][name]["sha256"] = tensor_sha256(tensor)
     manifest = {
         "format": FORMAT,
@@ -232,7 +233,7 @@ def read_delta(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
         raise CorruptDeltaError(
             f"{where}: the data file holds {sorted(set(tensors) ^ set(specs))[:6]} not matching {MANIFEST}"
         )
-    for name, spec in specs.items():
+    for name, spec in progress(specs.items(), desc="Checking the delta", unit="tensor"):
         t = tensors[name]
         if (
             list(t.shape) != spec["shape"]

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel
 from ..core.sharded import unwrapped_name
 from ..core.targeting import find_backbone
 from ..merging import merged_state_dict
+from ..progress import library_bars
 from .files import write_once
 from .state import full_parameters
 
@@ -81,7 +82,8 @@ def export_merged(
 
     def write() -> str:
         os.makedirs(directory, exist_ok=True)
-        clean.save_pretrained(directory)
+        with library_bars():  # transformers' "Writing model shards" only when our bars are on
+            clean.save_pretrained(directory)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(directory)
         return os.fspath(directory)

@@ -21,6 +21,7 @@ from ..core.sharded import gathered_copy, unwrapped_name
 from ..core.targeting import find_backbone
 from ..hub import embedded_hub_id, local_folder
 from ..methods.base import Method, MethodError, applied_methods, registry
+from ..progress import progress
 from .errors import CorruptDeltaError, DeltaError
 from .files import deserialize, replace_atomically, serialize, write_once
 from .records import RECORD_VERSION
@@ -114,7 +115,9 @@ def export_peft(obj: nn.Module, directory: str | os.PathLike, adapter_name: str 
             )
         with full_parameters(obj):  # FSDP1: every unit gathered (a collective)
             config, tensors = peft_form(obj, parts[0])
-            tensors = {k: gathered_copy(v) for k, v in tensors.items()}  # gathers FSDP2 shards: a collective
+            tensors = {  # gathers FSDP2 shards: a collective
+                k: gathered_copy(v) for k, v in progress(tensors.items(), desc="Exporting", unit="tensor")
+            }
         at_root = adapter_name is not None or name == DEFAULT
         forms.append(("" if at_root else name, config, tensors))
     directory = Path(directory)
