@@ -14,12 +14,13 @@ here, so all of them accept the same three forms:
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import constants as hub_constants
-from huggingface_hub import snapshot_download
+from huggingface_hub import snapshot_download, try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 
 EMBEDDED_PREFIX = "embedded:"
@@ -51,6 +52,8 @@ __all__ = [
     "recipe_folders",
     "local_folder",
     "looks_like_hub_id",
+    "pooling_convention",
+    "SENTENCE_TRANSFORMERS_FILES",
     "resolve_model_path",
     "resolve_model_source",
 ]
@@ -195,6 +198,65 @@ def local_folder(
             f"{what} {os.fspath(reference)!r} is not a local folder and {reason}: pass a local folder, or fetch it "
             f"once with network access (hf download {source})"
         ) from err
+
+
+# --------------------------------------------------------------------------- conventions of a model folder
+SENTENCE_TRANSFORMERS_FILES = (
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+)
+"""Files beside ``config.json`` that mark a sentence-transformers checkpoint."""
+_ST_POOLING_MODES = (
+    ("pooling_mode_mean_tokens", "mean"),
+    ("pooling_mode_cls_token", "cls"),
+    ("pooling_mode_lasttoken", "last"),
+)
+
+
+def _model_folder(reference: str | os.PathLike[str] | None) -> Path | None:
+    """The local folder of ``reference`` without any download: a folder, an ``embedded:`` model, a hub id in the cache."""
+    if reference is None:
+        return None
+    try:
+        source = resolve_model_path(os.fspath(reference))
+    except (ValueError, ImportError, FileNotFoundError):
+        return None
+    if os.path.isdir(source):
+        return Path(source)
+    if looks_like_hub_id(source):
+        try:
+            cached = try_to_load_from_cache(source, "config.json")
+        except HFValidationError:
+            return None
+        if isinstance(cached, str):
+            return Path(cached).parent
+    return None
+
+
+def pooling_convention(reference: str | os.PathLike[str] | None) -> str:
+    """How the model ``reference`` names was trained to pool its tokens: ``"mean"``, ``"cls"`` or ``"last"``.
+
+    ``reference`` is a folder, an ``embedded:`` name or a hub id (looked up in the Hugging Face
+    cache only: nothing is downloaded). A sentence-transformers checkpoint (one of
+    :data:`SENTENCE_TRANSFORMERS_FILES` beside its ``config.json``) pools as its ``Pooling``
+    module's config says (``1_Pooling/config.json``: mean, CLS or last token), ``"mean"``
+    when that cannot be read (the sentence-transformers default). Anything else uses the
+    model's own head input: ``"cls"``.
+    """
+    root = _model_folder(reference)
+    if root is None or not any((root / name).is_file() for name in SENTENCE_TRANSFORMERS_FILES):
+        return "cls"
+    try:
+        modules = json.loads((root / "modules.json").read_text())
+        path = next(m["path"] for m in modules if str(m.get("type", "")).endswith("models.Pooling"))
+        config = json.loads((root / path / "config.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        return "mean"
+    for key, pooling in _ST_POOLING_MODES:
+        if config.get(key):
+            return pooling
+    return "mean"
 
 
 # --------------------------------------------------------------------------- recipes

@@ -60,6 +60,7 @@ out = {}
 with torch.no_grad():
     classifier = import_peft(SequenceClassifier("tiny-org/tiny-bert", num_labels=2), "tiny-org/tiny-bert-lora")
     out["classifier"] = classifier.eval()(**batch).logits
+    out["names"] = [classifier.pooling, classifier.backbone.config.name_or_path, classifier.hparams.model]
     out["lm"] = CausalLM("tiny-org/tiny-llama").eval()(**batch).logits
     out["quantized"] = load_quantized("tiny-org/tiny-llama", dtype=torch.float32)(**batch).logits
     plugin = FourBitPrecision(compute_dtype=torch.float32)
@@ -95,6 +96,12 @@ def offline_run(tmp_path_factory):
             if param.requires_grad:
                 param.add_(0.05 * torch.randn_like(param))
     export_peft(adapted, tmp / "adapter")
+    # the base is a sentence-transformers checkpoint: mean pooling, found in the cache by hub id
+    (tmp / "bert" / "modules.json").write_text(
+        json.dumps([{"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}])
+    )
+    (tmp / "bert" / "1_Pooling").mkdir()
+    (tmp / "bert" / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
     cache = tmp / "home" / "hub-cache"
     for repo_id, folder in (
         ("tiny-org/tiny-bert", "bert"),
@@ -124,6 +131,9 @@ def offline_run(tmp_path_factory):
 
 def test_models_and_adapters_load_by_hub_id_from_the_cache_offline(offline_run):
     tmp, batch, out, _, _ = offline_run
+    assert out["names"] == ["mean", "tiny-org/tiny-bert", "tiny-org/tiny-bert"], (
+        "pooled as the cached checkpoint says"
+    )
     with torch.no_grad():
         classifier = import_peft(SequenceClassifier(str(tmp / "bert"), num_labels=2), tmp / "adapter").eval()
         torch.testing.assert_close(out["classifier"], classifier(**batch).logits, rtol=0, atol=0)

@@ -18,7 +18,7 @@ import peft_runs
 import pytest
 import torch
 from distributed import run_script
-from peft_runs import section
+from peft_runs import assert_close, section
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +48,18 @@ for kind, (strategy, method) in RUNS.items():
     lightning_peft.export_peft(module, f"{kind}-peft")
     lightning_peft.export_merged(module, f"{kind}-merged")
     out[f"{kind}_delta_files"] = torch.tensor(len(os.listdir(f"{kind}-delta")))
+
+# a mean-pooling classifier under FSDP2: its forward runs inside the sharded backbone's own call
+module, callback = p.build("lora", pooling="mean")
+t = p.trainer(p.STEPS, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), devices=2, callbacks=[callback])
+t.fit(module, datamodule=p.loader(p.GLOBAL_BATCH // 2))
+out.update({f"fsdp2_mean/{k}": v for k, v in p.trained(module).items()})
+lightning_peft.save_delta(module, "fsdp2_mean-delta")
+try:
+    lightning_peft.export_merged(module, "fsdp2_mean-merged")
+    out["fsdp2_mean_merged_refused"] = torch.tensor(False)
+except ValueError:
+    out["fsdp2_mean_merged_refused"] = torch.tensor(True)
 torch.save(out, f"rank{t.global_rank}.pt")
 """
 
@@ -213,6 +225,21 @@ def test_export_merged_on_every_rank_loads_in_bare_transformers_with_the_same_lo
         want = reference(**inputs).logits
         got = merged(**inputs).logits
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_a_mean_pooling_classifier_trains_and_saves_under_fsdp2_like_one_process(lightning_runs):
+    from lightning_peft import SequenceClassifier, load_delta
+
+    (r0, r1), tmp = lightning_runs
+    trained = section(r0, "fsdp2_mean")
+    assert_close(trained, peft_runs.reference("lora", pooling="mean"), "mean pooling under FSDP2")
+    assert_close(section(r1, "fsdp2_mean"), trained, "rank 1", atol=0.0)
+    assert bool(r0["fsdp2_mean_merged_refused"]) and bool(r1["fsdp2_mean_merged_refused"])
+    module = load_delta(
+        SequenceClassifier(peft_runs.classifier(), num_labels=2, pooling="mean"), tmp / "fsdp2_mean-delta"
+    )
+    got = peft_runs.trained(module)
+    assert got.keys() == trained.keys() and all(torch.equal(got[k], trained[k]) for k in trained)
 
 
 # --------------------------------------------------------------------------- CUDA only

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from ..core.pooling import refuse_pooled_export
 from ..core.sharded import unwrapped_name
 from ..core.targeting import find_backbone
 from ..merging import merged_state_dict
@@ -47,8 +48,10 @@ def export_merged(
     Raises:
         ValueError: If ``obj`` holds no Hugging Face model; :class:`~lightning_peft.methods.MethodError`
             (a ``ValueError``) if an active adapter cannot be folded (its message names the
-            formats that work).
+            formats that work); ``ValueError`` for a classifier that pools otherwise than its
+            plain Hugging Face class (``SequenceClassifier(pooling="mean")``).
     """
+    refuse_pooled_export(obj, "export_merged")
     backbone = find_backbone(obj)
     if not isinstance(backbone, PreTrainedModel):
         raise ValueError(

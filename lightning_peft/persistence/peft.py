@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.pooling import refuse_pooled_export
 from ..core.sharded import gathered_copy, unwrapped_name
 from ..core.targeting import find_backbone
 from ..hub import embedded_hub_id, local_folder
@@ -95,8 +96,11 @@ def export_peft(obj: nn.Module, directory: str | os.PathLike, adapter_name: str 
     Raises:
         ValueError: If no adapter is applied or the named one does not exist;
             :class:`~lightning_peft.methods.MethodError` (a ``ValueError``) if a method has no
-            PEFT counterpart (its message names what works instead).
+            PEFT counterpart (its message names what works instead); ``ValueError`` for a
+            classifier that pools otherwise than its plain Hugging Face class
+            (``SequenceClassifier(pooling="mean")``): PEFT would load it onto one.
     """
+    refuse_pooled_export(obj, "export_peft")
     methods = applied_methods(obj)
     if not methods:
         raise ValueError(
