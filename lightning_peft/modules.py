@@ -26,13 +26,18 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from . import checkpointing, optimizers
 from .adapters import adapter_per_row
 from .core.ownership import declare_trainable
+from .core.pooling import check_pooling, use_pooling
 from .core.targeting import head_module_names
 from .data import load_tokenizer
-from .hub import resolve_model_source
+from .hub import MODEL_FILES, local_folder, pooling_convention, resolve_model_path
 from .methods.base import sync_requires_grad, trainable_named_parameters
 from .optimizers import LRSchedulerCallable, OptimizerCallable, Schedule
+from .progress import library_bars
 from .strategies import prepare_strategy, shard_backbone
 
+Pooling = Literal["cls", "mean", "last"]
+POOLING_KEY = "lightning_peft_pooling"
+"""Checkpoint entry recording what a ``SequenceClassifier``'s head was trained on (hyperparameters can be overridden)."""
 _LOAD_REPORT_LOGGER = "transformers.modeling_utils"
 
 
@@ -63,16 +68,20 @@ def load_pretrained(model: str | os.PathLike | nn.Module, auto_class: Any, **kwa
     """Load ``model`` with ``auto_class.from_pretrained`` unless it already is an ``nn.Module``."""
     if isinstance(model, nn.Module):
         return model
-    source = resolve_model_source(model)
+    with library_bars():  # transformers' and the hub's bars only when ours are on
+        source = local_folder(model, what="model", allow_patterns=MODEL_FILES)  # a hub id: cached or fetched
     try:
-        # from_pretrained returns a model in eval mode; fine-tuning wants train mode
-        # (dropout on) like any freshly built nn.Module. Validation switches to eval itself.
-        return auto_class.from_pretrained(source, **kwargs).train()
+        with library_bars():
+            # from_pretrained returns a model in eval mode; fine-tuning wants train mode
+            # (dropout on) like any freshly built nn.Module. Validation switches to eval itself.
+            loaded = auto_class.from_pretrained(source, **kwargs).train()
     except OSError as err:
-        raise OSError(
-            f"could not load {source!r} as a local folder or hub id ({err}). Without internet, pass a "
-            "local folder that holds config.json and the weights."
-        ) from err
+        reason = " ".join(str(err).split())
+        raise OSError(f"could not load the model in {source!r}: {reason}") from err
+    reference = os.fspath(model)
+    if source != resolve_model_path(reference):  # a hub id: named by it, as from_pretrained(hub id) does
+        loaded.config.name_or_path = loaded.name_or_path = reference
+    return loaded
 
 
 def random_from_config(model: str | os.PathLike, auto_class: Any, seed: int = 0, **kwargs: Any) -> nn.Module:
@@ -86,7 +95,7 @@ def random_from_config(model: str | os.PathLike, auto_class: Any, seed: int = 0,
         raise ValueError(
             "init='random' needs a model folder or hub id (a config to build from), not a module"
         )
-    config = AutoConfig.from_pretrained(resolve_model_source(model))
+    config = AutoConfig.from_pretrained(local_folder(model, what="model", allow_patterns=["*.json"]))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return auto_class.from_config(config, **kwargs)
@@ -281,6 +290,13 @@ class SequenceClassifier(_FrozenBackboneModule):
         tokenizer: The tokenizer of the run (a folder, hub id or ``embedded:`` name), saved
             with merged exports; by default the model's own. ``lightning-peft`` takes the data
             module's.
+        pooling: What the head reads: ``"cls"`` (the model's own head input: BERT's pooled
+            ``[CLS]``, a decoder's last non-pad token), ``"mean"`` (the masked mean of the last
+            hidden states over the user's tokens) or ``"last"`` (the last token the attention
+            mask keeps). ``None`` (the default) follows the checkpoint's own convention:
+            what a sentence-transformers checkpoint was trained with (``"mean"`` for
+            all-MiniLM-L6-v2), else ``"cls"``. Recorded in checkpoints. Merged and PEFT
+            exports need ``"cls"`` (a plain ``AutoModelForSequenceClassification`` cannot mean-pool).
     """
 
     def __init__(
@@ -298,6 +314,7 @@ class SequenceClassifier(_FrozenBackboneModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         label_names: list[str] | None = None,
         tokenizer: str | None = None,
+        pooling: Pooling | None = None,
     ) -> None:
         super().__init__(
             lr=lr,
@@ -311,6 +328,8 @@ class SequenceClassifier(_FrozenBackboneModule):
         )
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
             raise ValueError(f"num_labels must be an integer >= 2, got {num_labels!r}")
+        if pooling is not None:
+            check_pooling(pooling)
         labels = label_config(label_names, num_labels)
         self.save_hyperparameters(ignore=_not_hyperparameters(model))
         kwargs: dict[str, Any] = {"num_labels": num_labels, **labels}
@@ -319,6 +338,10 @@ class SequenceClassifier(_FrozenBackboneModule):
         self.backbone = load_pretrained(model, AutoModelForSequenceClassification, **kwargs)
         if labels and isinstance(model, nn.Module) and hasattr(self.backbone, "config"):
             self.backbone.config.update(labels)
+        source = model if isinstance(model, str | os.PathLike) else self.backbone.config.name_or_path
+        self.pooling: str = pooling or pooling_convention(source)
+        self.hparams["pooling"] = self.pooling  # the resolved choice, so checkpoints rebuild the same head
+        use_pooling(self.backbone, self.pooling)  # before methods apply: an unused pooler is removed
         self.num_labels = num_labels
         heads = [h for h in head_module_names(self) if h.rsplit(".", 1)[-1] in ("classifier", "score")]
         if not heads:
@@ -332,6 +355,21 @@ class SequenceClassifier(_FrozenBackboneModule):
         )
         self.val_acc = torchmetrics.Accuracy(**metric_kw)
         self.val_f1 = torchmetrics.F1Score(**metric_kw, **({} if task == "binary" else {"average": "macro"}))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only the trained tensors (see the base class) and record the pooling the head was trained on."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[POOLING_KEY] = self.pooling
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint trained with another pooling (its head read other inputs), then restore it."""
+        saved = checkpoint.get(POOLING_KEY, "cls")  # checkpoints written before pooling existed read [CLS]
+        if saved != self.pooling:
+            raise ValueError(
+                f"this checkpoint was trained with pooling={saved!r} but the model pools with {self.pooling!r}; "
+                f"load it with pooling={saved!r} (e.g. SequenceClassifier.load_from_checkpoint(path, pooling={saved!r}))"
+            )
+        super().on_load_checkpoint(checkpoint)
 
     def _check_labels(self, labels: torch.Tensor) -> None:
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_labels):

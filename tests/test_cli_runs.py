@@ -62,6 +62,7 @@ def run(tmp_path_factory):
         "--trainer.limit_val_batches=2",
         "--data.init_args.batch_size=8",
         "--trainer.enable_progress_bar=false",
+        "--model.init_args.pooling=cls",  # what plain transformers reads: merged and PEFT exports work
         cwd=folder,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -118,6 +119,7 @@ def test_validate_from_the_best_checkpoint_logs_nothing_new(run):
         "--trainer.limit_val_batches=2",
         "--data.init_args.batch_size=8",
         "--trainer.enable_progress_bar=false",
+        "--model.init_args.pooling=cls",
         cwd=folder,
     )
     assert done.returncode == 0, done.stderr[-3000:]

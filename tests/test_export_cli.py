@@ -134,6 +134,7 @@ def test_qlora_checkpoint_merges_onto_its_4bit_base(tmp_path, monkeypatch, capsy
         "--trainer.limit_val_batches=1",
         "--data.init_args.batch_size=8",
         "--model.init_args.lr=0.05",  # deltas large enough to see
+        "--model.init_args.pooling=cls",  # what a plain AutoModelForSequenceClassification reads
     )
     ckpt = built.trainer.checkpoint_callback.last_model_path
     assert torch.load(ckpt, weights_only=True)["FourBitPrecision"]["quant_type"] == "nf4"

@@ -30,6 +30,7 @@ from torch import nn
 from ..core.heads import copy_modules, remove_copies, saved_module_target, saved_modules
 from ..core.layers import dense_weight, editable_weight, is_conv1d, layer_features
 from ..core.ownership import LayerWrapper, undeclare
+from ..core.sharded import full_tensor
 from ..core.targeting import backbone_prefix, find_backbone, replace_module, select_modules
 from .base import Method, MethodError, register
 from .lora_combine import combine_lora
@@ -107,7 +108,7 @@ class LoRALinear(LayerWrapper):
         update = weights.delta_weight().float()  # (out, in)
         if weights.magnitude is None:
             return update
-        g = weights.magnitude.float() / torch.linalg.vector_norm(base + update, dim=1)  # (out,)
+        g = full_tensor(weights.magnitude).float() / torch.linalg.vector_norm(base + update, dim=1)  # (out,)
         return (g - 1).unsqueeze(1) * base + g.unsqueeze(1) * update
 
     def folded_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -369,7 +370,7 @@ class LoRAConfig(Method):
             tensors = {"weight": layer.folded_weight(dtype)}  # (out, in)
             bias = getattr(layer.innermost(), "bias", None)
             if bias is not None:
-                tensors["bias"] = bias.detach().to(dtype).clone()
+                tensors["bias"] = full_tensor(bias).to(dtype).clone()
             out[name] = tensors
         return out
 

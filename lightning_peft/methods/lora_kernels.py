@@ -16,6 +16,7 @@ from torch import nn
 
 from ..core.layers import dense_weight
 from ..core.ownership import AdapterPart, declare_trainable
+from ..core.sharded import full_tensor
 
 __all__ = [
     "LoRAWeights",
@@ -112,8 +113,11 @@ class LoRAWeights(AdapterPart):
         return self.training and self.dropout_p > 0.0
 
     def delta_weight(self) -> torch.Tensor:
-        """``s * B @ A`` as an ``(out, in)`` tensor in the adapter's dtype."""
-        return (self.lora_b @ self.lora_a) * self.scale
+        """``s * B @ A`` as an ``(out, in)`` tensor in the adapter's dtype, detached.
+
+        FSDP2 shards (``DTensor``) are gathered first (a collective: call it on every rank).
+        """
+        return (full_tensor(self.lora_b) @ full_tensor(self.lora_a)) * self.scale
 
 
 # --------------------------------------------------------------------------- dropout path
