@@ -1,11 +1,20 @@
 """LightningModules around a frozen Hugging Face backbone: ``CausalLM`` and ``SequenceClassifier``.
 
-The backbone is frozen at construction; a method callback (LoRA, adapters, partial, ...)
-decides what trains. The optimizer receives exactly the declared-trainable parameters.
+The backbone is frozen; a method callback (LoRA, adapters, partial, ...) decides what
+trains. The optimizer receives exactly the declared-trainable parameters.
+
+Given a folder or hub id, a module loads its backbone when it is first needed, not at
+construction: inside a ``Trainer`` run that is while the run is set up, and with
+:class:`~lightning_peft.plugins.FourBitPrecision` in the Trainer the weights are streamed
+straight into 4-bit (the full-precision model is never held). Outside a run (or without
+the plugin) the first use of the module loads it as ``from_pretrained`` does, so
+``CausalLM(path).backbone``, ``.parameters()``, ``.state_dict()`` or ``print(...)`` work
+as if it had been loaded at construction. A module passed in is used as it is.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from typing import Any, Literal
@@ -13,14 +22,18 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torchmetrics
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from . import checkpointing
+from .core.layers import LINEAR_TYPES
 from .core.ownership import declare_trainable
 from .core.targeting import head_module_names
-from .hub import resolve_model_source
-from .methods.base import sync_requires_grad, trainable_named_parameters
+from .hub import local_folder, resolve_model_source
+from .methods.base import Method, sync_requires_grad, trainable_named_parameters
+from .plugins import FourBitPrecision
+from .quantization import NoSafetensorsError, quantizable_modules
 from .strategies import prepare_strategy, shard_backbone
 
 Schedule = Literal["cosine", "linear", "constant"]
@@ -59,8 +72,12 @@ def random_from_config(model: str | os.PathLike, auto_class: Any, seed: int = 0,
         return auto_class.from_config(config, **kwargs)
 
 
+_SOURCE = "_backbone_source"
+"""Attribute (in ``__dict__``) holding where a deferred backbone comes from, until it is loaded."""
+
+
 class _FrozenBackboneModule(L.LightningModule):
-    """Shared optimizer, schedule and freezing logic of the task modules."""
+    """Shared optimizer, schedule, freezing and backbone-loading logic of the task modules."""
 
     backbone: nn.Module
 
@@ -82,6 +99,7 @@ class _FrozenBackboneModule(L.LightningModule):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"schedule must be 'cosine', 'linear' or 'constant', got {schedule!r}")
+        self._gradient_checkpointing = bool(gradient_checkpointing)
 
     def _finish_backbone(self, gradient_checkpointing: bool) -> None:
         if gradient_checkpointing:
@@ -93,22 +111,158 @@ class _FrozenBackboneModule(L.LightningModule):
             self.backbone.enable_input_require_grads()
         sync_requires_grad(self)
 
+    # -- the backbone ---------------------------------------------------------------------
+    def _defer_backbone(self, source: str | os.PathLike, auto_class: Any, **load_kwargs: Any) -> None:
+        """Remember where the backbone comes from; :meth:`build_backbone` loads it on first use.
+
+        A local path that does not exist fails here, at construction.
+        """
+        resolve_model_source(source)
+        self.__dict__[_SOURCE] = (source, auto_class, load_kwargs)
+
+    @property
+    def backbone_pending(self) -> bool:
+        """Whether the backbone is still to be loaded (a folder or hub id given, not used yet)."""
+        return _SOURCE in self.__dict__
+
+    def build_backbone(self) -> nn.Module:
+        """Load the backbone now if it was deferred, and return it.
+
+        Inside a ``Trainer`` run whose precision plugin is
+        :class:`~lightning_peft.plugins.FourBitPrecision`, the safetensors are streamed
+        one tensor at a time straight into 4-bit on the run's device
+        (:meth:`FourBitPrecision.load_backbone <lightning_peft.plugins.FourBitPrecision.load_backbone>`):
+        the full-precision model is never held. Otherwise the model is loaded with
+        ``from_pretrained``, as at construction. Does nothing if the backbone exists.
+        """
+        source = self.__dict__.pop(_SOURCE, None)
+        if source is None:
+            return self._modules["backbone"]
+        model, auto_class, kwargs = source
+        try:
+            trainer = self._trainer
+            plugin = getattr(trainer, "precision_plugin", None)
+            backbone = None
+            if isinstance(plugin, FourBitPrecision):
+                config_kwargs = {k: v for k, v in kwargs.items() if k != "dtype"}
+                try:
+                    only = self._layers_to_quantize(plugin, trainer, model, auto_class, config_kwargs)
+                    backbone = plugin.load_backbone(
+                        model,
+                        auto_class,
+                        trainer,
+                        dtype=kwargs.get("dtype", "auto"),
+                        prefix="backbone.",
+                        only=only,
+                        **config_kwargs,
+                    )
+                except NoSafetensorsError as err:
+                    rank_zero_warn(
+                        f"{err}. Loading it in full precision instead; FourBitPrecision quantizes it afterwards."
+                    )
+            if backbone is None:
+                backbone = load_pretrained(model, auto_class, **kwargs)
+        except BaseException:
+            self.__dict__[_SOURCE] = source  # nothing changed: a later use tries again
+            raise
+        backbone.train(self.training)
+        self.backbone = backbone
+        self._setup_backbone()
+        return backbone
+
+    def _layers_to_quantize(
+        self, plugin: FourBitPrecision, trainer: Any, source: Any, auto_class: Any, config_kwargs: dict
+    ) -> set[str] | None:
+        """The backbone layers to stream into 4-bit: those no method of the run will train.
+
+        A method may train base linear layers (``PartialFinetuning(last_n_layers=2)``,
+        ``FullFinetuning``); ``convert_module`` leaves those in full precision because it
+        runs after the method. Streaming runs before, so the run's methods are first applied
+        to a copy of this module around a skeleton of the model on the ``meta`` device (no
+        memory, the RNG state restored), and the plugin's own rule picks the layers there.
+        ``None`` (every layer the rule selects) when the run has no method callback.
+        """
+        methods = [c for c in getattr(trainer, "callbacks", None) or [] if isinstance(c, Method)]
+        if not methods:
+            return None
+        folder = local_folder(source, what="model", allow_patterns=["*.json"])
+        config = AutoConfig.from_pretrained(folder, **config_kwargs)
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            skeleton = auto_class.from_config(config)
+            names = {id(m): n for n, m in skeleton.named_modules() if isinstance(m, LINEAR_TYPES)}
+            shell = copy.copy(self)  # the same class and settings; its own module registries
+            for key, value in list(vars(shell).items()):
+                if isinstance(value, dict):
+                    vars(shell)[key] = copy.copy(value)
+            vars(shell).pop(_SOURCE, None)
+            skeleton.requires_grad_(False)
+            shell.backbone = skeleton
+            shell._setup_backbone()
+            for method in methods:
+                method.config().apply(shell)
+            chosen = quantizable_modules(shell, plugin.skip_modules, skip_heads=not plugin.quantize_heads)
+        return {names[id(m)] for _, m in chosen if id(m) in names}
+
+    def _setup_backbone(self) -> None:
+        """What each task does once its backbone exists (declare heads, gradient checkpointing)."""
+        self._finish_backbone(self._gradient_checkpointing)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "backbone" and _SOURCE in self.__dict__:
+            return self.build_backbone()
+        return super().__getattr__(name)
+
+    # Every traversal of the module sees the backbone: a deferred one is loaded first. (Not
+    # ``children()``: Lightning walks it when attaching the Trainer, before the run's
+    # precision plugin can take part in loading.)
+    def named_modules(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+        if _SOURCE in self.__dict__:
+            self.build_backbone()
+        return super().named_modules(*args, **kwargs)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+        if _SOURCE in self.__dict__:
+            self.build_backbone()
+        return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+        if _SOURCE in self.__dict__:
+            self.build_backbone()
+        return super().load_state_dict(*args, **kwargs)
+
+    def _apply(self, *args: Any, **kwargs: Any) -> Any:
+        if _SOURCE in self.__dict__:
+            self.build_backbone()
+        return super()._apply(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        if _SOURCE in self.__dict__:
+            self.build_backbone()
+        return super().__repr__()
+
     def forward(self, **batch: Any) -> Any:
         """Run the backbone on a tokenizer-style batch (plus ``labels``); returns its output."""
         return self.backbone(**batch)
 
     def configure_model(self) -> None:
-        """Shard the backbone with FSDP2 when ``ModelParallelStrategy`` provides a device mesh.
+        """Load a deferred backbone; shard it with FSDP2 when ``ModelParallelStrategy`` provides a device mesh.
 
-        Lightning calls this after the method callback applied its method, so each
-        transformer block is sharded with the method's modules inside it (see
-        :func:`lightning_peft.strategies.shard_backbone`). Without a mesh (one device, DDP)
-        it does nothing; on a sharded backbone it does nothing, so calling it again is safe.
+        A backbone given as a folder or hub id is loaded here unless something used it
+        before (see :meth:`build_backbone`: under ``FourBitPrecision`` it is streamed into
+        4-bit on each rank). With a mesh, the Trainer's method callbacks are applied (if
+        they were not yet) and each transformer block is sharded with the method's modules
+        inside it (see :func:`lightning_peft.strategies.shard_backbone`). Without a mesh
+        (one device, DDP) nothing else happens; on a sharded backbone nothing happens, so
+        calling it again is safe.
         """
+        self.build_backbone()
         if self.device_mesh is None:
             return
         if self._trainer is not None:
             prepare_strategy(self._trainer, self)
+            for callback in self._trainer.callbacks:
+                if isinstance(callback, Method):  # a method must be in place before sharding
+                    callback.apply(self)
         shard_backbone(self, self.device_mesh)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -197,20 +351,26 @@ class SequenceClassifier(_FrozenBackboneModule):
         kwargs: dict[str, Any] = {"num_labels": num_labels}
         if torch_dtype is not None:
             kwargs["dtype"] = getattr(torch, torch_dtype)
-        self.backbone = load_pretrained(model, AutoModelForSequenceClassification, **kwargs)
         self.num_labels = num_labels
-        heads = [h for h in head_module_names(self) if h.rsplit(".", 1)[-1] in ("classifier", "score")]
-        if not heads:
-            raise ValueError(f"{type(self.backbone).__name__} has no 'classifier' or 'score' head")
-        for name in heads:
-            declare_trainable(self.get_submodule(name))
-        self._finish_backbone(gradient_checkpointing)
+        if isinstance(model, nn.Module):
+            self.backbone = load_pretrained(model, AutoModelForSequenceClassification, **kwargs)
+            self._setup_backbone()
+        else:  # loaded on first use (streamed into 4-bit under FourBitPrecision): see build_backbone
+            self._defer_backbone(model, AutoModelForSequenceClassification, **kwargs)
         task = "binary" if num_labels == 2 else "multiclass"
         metric_kw: dict[str, Any] = (
             {"task": task} if task == "binary" else {"task": task, "num_classes": num_labels}
         )
         self.val_acc = torchmetrics.Accuracy(**metric_kw)
         self.val_f1 = torchmetrics.F1Score(**metric_kw, **({} if task == "binary" else {"average": "macro"}))
+
+    def _setup_backbone(self) -> None:
+        heads = [h for h in head_module_names(self) if h.rsplit(".", 1)[-1] in ("classifier", "score")]
+        if not heads:
+            raise ValueError(f"{type(self.backbone).__name__} has no 'classifier' or 'score' head")
+        for name in heads:
+            declare_trainable(self.get_submodule(name))
+        super()._setup_backbone()
 
     def _check_labels(self, labels: torch.Tensor) -> None:
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_labels):
@@ -293,9 +453,12 @@ class CausalLM(_FrozenBackboneModule):
             kwargs["dtype"] = getattr(torch, torch_dtype)
         if init == "random":
             self.backbone = random_from_config(model, AutoModelForCausalLM, **kwargs)
-        else:
+            self._setup_backbone()
+        elif isinstance(model, nn.Module):
             self.backbone = load_pretrained(model, AutoModelForCausalLM, **kwargs)
-        self._finish_backbone(gradient_checkpointing)
+            self._setup_backbone()
+        else:  # loaded on first use (streamed into 4-bit under FourBitPrecision): see build_backbone
+            self._defer_backbone(model, AutoModelForCausalLM, **kwargs)
         self.eval_loss_mean = torchmetrics.MeanMetric()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
