@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_peft import checkpointing
 from lightning_peft.core.ownership import adapter_parts
-from lightning_peft.methods.base import Method, field_docs
+from lightning_peft.methods.base import Method, field_docs, find_record, sync_adapters
 from lightning_peft.strategies import prepare_strategy
 
 _WRAPPED = "_lp_configure_model_wrapped"
@@ -45,7 +45,7 @@ class MethodCallback(L.Callback):
             is_overridden("configure_model", pl_module) and next(pl_module.parameters(), None) is None
         )
         if not builds_later:
-            self.apply(pl_module)
+            self._apply_in_run(trainer, pl_module)
             return
         if getattr(pl_module, _WRAPPED, None) is self:
             return
@@ -54,11 +54,27 @@ class MethodCallback(L.Callback):
         @functools.wraps(original)
         def configure_then_apply(*args: Any, **kwargs: Any) -> Any:
             out = original(*args, **kwargs)
-            self.apply(pl_module)
+            self._apply_in_run(trainer, pl_module)
             return out
 
         object.__setattr__(pl_module, "configure_model", configure_then_apply)
         object.__setattr__(pl_module, _WRAPPED, self)
+
+    def _apply_in_run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Apply the method; every method callback of one Trainer trains (and runs) its adapter.
+
+        Adapters already on the model stay frozen and untouched, and inactive unless the
+        user activated them (``lightning_peft.set_adapter``).
+        """
+        self.apply(pl_module)
+        record = find_record(pl_module)
+        ours = [c.adapter_name for c in trainer.callbacks if isinstance(c, MethodCallback)]
+        present = [n for n in dict.fromkeys(ours) if n in record.names()]
+        if record.decoupled:
+            return
+        record.trainable = present
+        record.active = [n for n in record.names() if n in record.active or n in present]
+        sync_adapters(pl_module)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Put this adapter's modules in training mode, so their dropout runs.

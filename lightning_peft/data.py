@@ -36,12 +36,24 @@ from transformers import AutoTokenizer
 from .hub import resolve_model_path
 
 _SUFFIXES = (".jsonl", ".csv")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+"""Files of which a local tokenizer folder holds at least one."""
 IGNORE_INDEX = -100
 """Label value the loss ignores (prompt tokens and padding in :class:`InstructionData`)."""
 
 
 # --------------------------------------------------------------------------- paths
-def _resolve_file(argument: str, value: str | os.PathLike[str], root: str | os.PathLike[str] | None) -> Path:
+def resolve_data_file(
+    argument: str, value: str | os.PathLike[str], root: str | os.PathLike[str] | None
+) -> Path:
     """Resolve a data file argument and check that it exists and has a known extension."""
     path = Path(os.path.expanduser(os.fspath(value)))
     if not path.is_absolute():
@@ -54,6 +66,26 @@ def _resolve_file(argument: str, value: str | os.PathLike[str], root: str | os.P
     if path.suffix.lower() not in _SUFFIXES:
         raise ValueError(f"{argument}: {path} must end in .jsonl or .csv, not {path.suffix or 'nothing'!r}")
     return path
+
+
+def load_tokenizer(reference: Any, root: str | os.PathLike[str] | None = None) -> Any:
+    """``AutoTokenizer.from_pretrained`` of a folder, hub id or ``embedded:`` name (relative to ``root``).
+
+    A local folder must hold a tokenizer: from a folder with a ``config.json`` only,
+    transformers builds a tokenizer of a handful of tokens that turns every word into
+    ``[UNK]`` without a word of warning.
+
+    Raises:
+        FileNotFoundError: If a local folder holds none of :data:`TOKENIZER_FILES`.
+    """
+    source = resolve_model_path(reference, root)
+    if isinstance(source, str) and os.path.isdir(source):
+        if not any(os.path.isfile(os.path.join(source, name)) for name in TOKENIZER_FILES):
+            raise FileNotFoundError(
+                f"{source} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); pass a tokenizer "
+                "folder or hub id that has one"
+            )
+    return AutoTokenizer.from_pretrained(source)
 
 
 # --------------------------------------------------------------------------- reading rows
@@ -177,9 +209,9 @@ class _TokenizedData(L.LightningDataModule):
         self.save_hyperparameters(ignore=[] if isinstance(tokenizer, str | os.PathLike) else ["tokenizer"])
         self.root = root
         self.files: dict[str, Path | None] = {
-            "train": _resolve_file("train_file", train_file, root),
-            "val": _resolve_file("val_file", val_file, root),
-            "test": _resolve_file("test_file", test_file, root) if test_file is not None else None,
+            "train": resolve_data_file("train_file", train_file, root),
+            "val": resolve_data_file("val_file", val_file, root),
+            "test": resolve_data_file("test_file", test_file, root) if test_file is not None else None,
         }
         self.max_length = max_length
         self.batch_size = batch_size
@@ -194,9 +226,7 @@ class _TokenizedData(L.LightningDataModule):
     def tokenizer(self) -> Any:
         """The tokenizer, loaded with ``AutoTokenizer.from_pretrained`` on first use."""
         if self._tokenizer is None:
-            self._tokenizer = AutoTokenizer.from_pretrained(
-                resolve_model_path(self._tokenizer_ref, self.root)
-            )
+            self._tokenizer = load_tokenizer(self._tokenizer_ref, self.root)
         return self._tokenizer
 
     @property
@@ -307,7 +337,11 @@ class TextClassificationData(_TokenizedData):
         text_field: Name of the text field (JSON key or CSV column).
         label_field: Name of the label field; values are integers (CSV: digits).
         num_labels: When given, labels must lie in ``[0, num_labels)``; when ``None`` it is
-            set after setup to one more than the largest label seen.
+            set after setup to one more than the largest label seen (or to the number of
+            ``label_names``).
+        label_names: Class names in label order (``[negative, positive]``): label ``i`` is
+            ``label_names[i]``. ``lightning-peft`` hands them to the model, whose merged
+            export writes them as ``id2label``/``label2id``.
         max_length: Longest tokenized text kept; longer ones are truncated.
         batch_size: Examples a batch.
         num_workers: DataLoader worker processes.
@@ -326,6 +360,7 @@ class TextClassificationData(_TokenizedData):
         text_field: str = "text",
         label_field: str = "label",
         num_labels: int | None = None,
+        label_names: list[str] | None = None,
         max_length: int = 128,
         batch_size: int = 32,
         num_workers: int = 0,
@@ -334,6 +369,15 @@ class TextClassificationData(_TokenizedData):
     ) -> None:
         if num_labels is not None and num_labels < 1:
             raise ValueError(f"num_labels must be a positive integer or None, got {num_labels}")
+        if label_names is not None:
+            label_names = list(label_names)
+            if not label_names or len(set(label_names)) != len(label_names):
+                raise ValueError(f"label_names must be distinct names, one per label; got {label_names}")
+            if num_labels is not None and num_labels != len(label_names):
+                raise ValueError(
+                    f"label_names names {len(label_names)} labels but num_labels={num_labels}: {label_names}"
+                )
+            num_labels = len(label_names)
         super().__init__(
             tokenizer,
             train_file,
@@ -348,6 +392,7 @@ class TextClassificationData(_TokenizedData):
         self.text_field = text_field
         self.label_field = label_field
         self.num_labels = num_labels
+        self.label_names = label_names
         self._fixed_num_labels = num_labels is not None
 
     def _encode_file(self, path: Path) -> list[dict[str, Any]]:

@@ -14,11 +14,13 @@ here, so all of them accept the same three forms:
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import snapshot_download
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import snapshot_download, try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 
 EMBEDDED_PREFIX = "embedded:"
@@ -38,13 +40,20 @@ _EMBEDDED_ALIASES = {
     "minilm": "all-minilm-l6-v2",
 }
 
+MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+"""What is fetched of a model repository: configs (sentence-transformers' too), safetensors
+weights and tokenizer files; pickled ``*.bin`` / ``*.pt`` weights are never fetched."""
+
 __all__ = [
     "EMBEDDED_PREFIX",
+    "MODEL_FILES",
     "embedded_hub_id",
     "find_recipe",
     "recipe_folders",
     "local_folder",
     "looks_like_hub_id",
+    "pooling_convention",
+    "SENTENCE_TRANSFORMERS_FILES",
     "resolve_model_path",
     "resolve_model_source",
 ]
@@ -154,7 +163,8 @@ def local_folder(
     """A local folder holding ``reference``: itself, the embedded model, or a hub snapshot in the cache.
 
     Hub ids go through ``huggingface_hub.snapshot_download`` (only the files matching
-    ``allow_patterns``), which uses the local cache and, with ``HF_HUB_OFFLINE=1``, nothing else.
+    ``allow_patterns``), which uses the local cache (``HF_HUB_CACHE``, by default
+    ``$HF_HOME/hub``) and, with ``HF_HUB_OFFLINE=1``, nothing else.
 
     Args:
         reference: A folder, an ``embedded:`` name, or a hub id.
@@ -162,7 +172,9 @@ def local_folder(
         allow_patterns: Files to fetch from the hub (default: all).
 
     Raises:
-        FileNotFoundError: If it is neither a folder nor a hub id that can be fetched.
+        FileNotFoundError: If it is neither a folder nor a hub id that can be fetched; the
+            message is one line saying why (not in the cache while offline, no such
+            repository, no network).
     """
     source = resolve_model_source(reference)
     if os.path.isdir(source):
@@ -173,17 +185,78 @@ def local_folder(
         raise FileNotFoundError(
             f"{what} {os.fspath(reference)!r} is neither a local folder nor a hub id"
         ) from err
-    except Exception as err:  # offline, unknown repo, network: one clear message
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        hint = (
-            " HF_HUB_OFFLINE is set and it is not in the local cache"
-            if offline
-            else " (no network, or no such repository)"
-        )
+    except Exception as err:  # offline, unknown repo, network: one clear line
+        if hub_constants.HF_HUB_OFFLINE:
+            reason = (
+                f"is not in the Hugging Face cache ({hub_constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 forbids "
+                "downloading it"
+            )
+        else:
+            first_line = " ".join(str(err).split("\n", 1)[0].split())[:200]
+            reason = f"could not be fetched from the hub ({type(err).__name__}: {first_line})"
         raise FileNotFoundError(
-            f"{what} {os.fspath(reference)!r} is not a local folder and could not be fetched from the hub:"
-            f"{hint}. Pass a local folder, or fetch it once with network access. ({type(err).__name__}: {err})"
+            f"{what} {os.fspath(reference)!r} is not a local folder and {reason}: pass a local folder, or fetch it "
+            f"once with network access (hf download {source})"
         ) from err
+
+
+# --------------------------------------------------------------------------- conventions of a model folder
+SENTENCE_TRANSFORMERS_FILES = (
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+)
+"""Files beside ``config.json`` that mark a sentence-transformers checkpoint."""
+_ST_POOLING_MODES = (
+    ("pooling_mode_mean_tokens", "mean"),
+    ("pooling_mode_cls_token", "cls"),
+    ("pooling_mode_lasttoken", "last"),
+)
+
+
+def _model_folder(reference: str | os.PathLike[str] | None) -> Path | None:
+    """The local folder of ``reference`` without any download: a folder, an ``embedded:`` model, a hub id in the cache."""
+    if reference is None:
+        return None
+    try:
+        source = resolve_model_path(os.fspath(reference))
+    except (ValueError, ImportError, FileNotFoundError):
+        return None
+    if os.path.isdir(source):
+        return Path(source)
+    if looks_like_hub_id(source):
+        try:
+            cached = try_to_load_from_cache(source, "config.json")
+        except HFValidationError:
+            return None
+        if isinstance(cached, str):
+            return Path(cached).parent
+    return None
+
+
+def pooling_convention(reference: str | os.PathLike[str] | None) -> str:
+    """How the model ``reference`` names was trained to pool its tokens: ``"mean"``, ``"cls"`` or ``"last"``.
+
+    ``reference`` is a folder, an ``embedded:`` name or a hub id (looked up in the Hugging Face
+    cache only: nothing is downloaded). A sentence-transformers checkpoint (one of
+    :data:`SENTENCE_TRANSFORMERS_FILES` beside its ``config.json``) pools as its ``Pooling``
+    module's config says (``1_Pooling/config.json``: mean, CLS or last token), ``"mean"``
+    when that cannot be read (the sentence-transformers default). Anything else uses the
+    model's own head input: ``"cls"``.
+    """
+    root = _model_folder(reference)
+    if root is None or not any((root / name).is_file() for name in SENTENCE_TRANSFORMERS_FILES):
+        return "cls"
+    try:
+        modules = json.loads((root / "modules.json").read_text())
+        path = next(m["path"] for m in modules if str(m.get("type", "")).endswith("models.Pooling"))
+        config = json.loads((root / path / "config.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        return "mean"
+    for key, pooling in _ST_POOLING_MODES:
+        if config.get(key):
+            return pooling
+    return "mean"
 
 
 # --------------------------------------------------------------------------- recipes

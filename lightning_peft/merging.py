@@ -18,8 +18,9 @@ from torch import nn
 
 from .core.layers import dense_weight, is_4bit, is_conv1d
 from .core.ownership import AdapterPart, LayerWrapper, unwrapped
-from .core.sharded import full_tensor
+from .core.sharded import WRAPPER_SEGMENTS, full_tensor, unwrapped_name
 from .methods.base import Method, applied_methods, find_record
+from .progress import progress_bar
 
 __all__ = ["active_adapters", "merge", "merged_state_dict", "unmerge"]
 
@@ -100,7 +101,9 @@ def merged_state_dict(
             deciding each folded weight's layout: ``(in, out)`` where it has a ``Conv1D``.
             Default: the live base layer's layout (a 4-bit layer counts as ``nn.Linear``).
         within: The submodule of ``obj`` to describe (e.g. the Hugging Face model inside a
-            LightningModule), names relative to it; default ``obj`` itself.
+            LightningModule), names relative to it; default ``obj`` itself. The levels FSDP1
+            units and checkpoint wrappers insert are left out of the names (gather FSDP1 units
+            first: :func:`lightning_peft.persistence.state.full_parameters`).
 
     Raises:
         lightning_peft.methods.MethodError: If an active adapter has nothing a plain model could hold.
@@ -111,7 +114,7 @@ def merged_state_dict(
     for method in active_adapters(obj):
         for name, tensors in method.folded_layers(obj, dtype).items():
             if name.startswith(prefix):
-                folded[name[len(prefix) :]] = tensors
+                folded[unwrapped_name(name[len(prefix) :])] = tensors
     out: dict[str, torch.Tensor] = {}
 
     def cast(t: torch.Tensor) -> torch.Tensor:
@@ -121,7 +124,10 @@ def merged_state_dict(
     def layout(name: str, live: nn.Module) -> bool:
         return is_conv1d(reference.get_submodule(name) if reference is not None else live)
 
+    bar = progress_bar(desc="Merging", total=sum(1 for _ in within.modules()), unit="module")
+
     def visit(module: nn.Module, prefix: str) -> None:
+        bar.update()
         if isinstance(module, AdapterPart):
             return  # folded by its method (active) or left out (inactive)
         name = prefix[:-1]
@@ -147,7 +153,10 @@ def merged_state_dict(
             if buf is not None and bname not in module._non_persistent_buffers_set:
                 out[prefix + bname] = cast(buf)
         for child_name, child in module.named_children():
-            visit(child, f"{prefix}{child_name}.")
+            # FSDP1 units and checkpoint wrappers add a level that plain models do not have
+            visit(child, prefix if f"{child_name}." in WRAPPER_SEGMENTS else f"{prefix}{child_name}.")
 
     visit(within, "")
+    bar.update(max(bar.total - bar.n, 0))  # subtrees folded or skipped as a whole
+    bar.close()
     return out

@@ -1,7 +1,12 @@
 """LightningModules around a frozen Hugging Face backbone: ``CausalLM`` and ``SequenceClassifier``.
 
 The backbone is frozen; a method callback (LoRA, adapters, partial, ...) decides what
-trains. The optimizer receives exactly the declared-trainable parameters.
+trains. The optimizer receives exactly the declared-trainable parameters, whichever
+optimizer is chosen: the default AdamW, an ``optimizer``/``lr_scheduler`` given to the
+module (from Python, a recipe, or LightningCLI's ``--optimizer``/``--lr_scheduler`` flags,
+which ``lightning-peft`` routes here), a ``bitsandbytes`` 8-bit or paged optimizer
+included. Building the optimizer in ``configure_optimizers`` means it is built after the
+method callback injected its modules, never from the bare backbone.
 
 Given a folder or hub id, a module loads its backbone when it is first needed, not at
 construction: inside a ``Trainer`` run that is while the run is set up, and with
@@ -15,8 +20,10 @@ as if it had been loaded at construction. A module passed in is used as it is.
 from __future__ import annotations
 
 import copy
-import math
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import lightning as L
@@ -26,33 +33,68 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from . import checkpointing
+from . import checkpointing, optimizers
+from .adapters import adapter_per_row
 from .core.layers import LINEAR_TYPES
 from .core.ownership import declare_trainable
+from .core.pooling import check_pooling, use_pooling
 from .core.targeting import head_module_names
-from .hub import local_folder, resolve_model_source
+from .data import load_tokenizer
+from .hub import MODEL_FILES, local_folder, pooling_convention, resolve_model_path, resolve_model_source
 from .methods.base import Method, sync_requires_grad, trainable_named_parameters
+from .optimizers import LRSchedulerCallable, OptimizerCallable, Schedule
 from .plugins import FourBitPrecision
+from .progress import library_bars
 from .quantization import NoSafetensorsError, quantizable_modules
 from .strategies import prepare_strategy, shard_backbone
 
-Schedule = Literal["cosine", "linear", "constant"]
+Pooling = Literal["cls", "mean", "last"]
+POOLING_KEY = "lightning_peft_pooling"
+"""Checkpoint entry recording what a ``SequenceClassifier``'s head was trained on (hyperparameters can be overridden)."""
+_LOAD_REPORT_LOGGER = "transformers.modeling_utils"
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+@contextmanager
+def quiet_load_report() -> Iterator[None]:
+    """Hide transformers' load report ("classifier.weight MISSING ... Consider training") inside the block.
+
+    For loads whose missing tensors a checkpoint restores right after (``load_from_checkpoint``,
+    ``lightning-peft validate --ckpt_path ...``): the new head the report lists is the
+    trained one a moment later, and a base that differs from the trained one is caught by
+    the checkpoint's fingerprint check instead.
+    """
+    drop = _DropLoadReport()
+    logger = logging.getLogger(_LOAD_REPORT_LOGGER)
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def load_pretrained(model: str | os.PathLike | nn.Module, auto_class: Any, **kwargs: Any) -> nn.Module:
     """Load ``model`` with ``auto_class.from_pretrained`` unless it already is an ``nn.Module``."""
     if isinstance(model, nn.Module):
         return model
-    source = resolve_model_source(model)
+    with library_bars():  # transformers' and the hub's bars only when ours are on
+        source = local_folder(model, what="model", allow_patterns=MODEL_FILES)  # a hub id: cached or fetched
     try:
-        # from_pretrained returns a model in eval mode; fine-tuning wants train mode
-        # (dropout on) like any freshly built nn.Module. Validation switches to eval itself.
-        return auto_class.from_pretrained(source, **kwargs).train()
+        with library_bars():
+            # from_pretrained returns a model in eval mode; fine-tuning wants train mode
+            # (dropout on) like any freshly built nn.Module. Validation switches to eval itself.
+            loaded = auto_class.from_pretrained(source, **kwargs).train()
     except OSError as err:
-        raise OSError(
-            f"could not load {source!r} as a local folder or hub id ({err}). Without internet, pass a "
-            "local folder that holds config.json and the weights."
-        ) from err
+        reason = " ".join(str(err).split())
+        raise OSError(f"could not load the model in {source!r}: {reason}") from err
+    reference = os.fspath(model)
+    if source != resolve_model_path(reference):  # a hub id: named by it, as from_pretrained(hub id) does
+        loaded.config.name_or_path = loaded.name_or_path = reference
+    return loaded
 
 
 def random_from_config(model: str | os.PathLike, auto_class: Any, seed: int = 0, **kwargs: Any) -> nn.Module:
@@ -66,10 +108,40 @@ def random_from_config(model: str | os.PathLike, auto_class: Any, seed: int = 0,
         raise ValueError(
             "init='random' needs a model folder or hub id (a config to build from), not a module"
         )
-    config = AutoConfig.from_pretrained(resolve_model_source(model))
+    config = AutoConfig.from_pretrained(local_folder(model, what="model", allow_patterns=["*.json"]))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return auto_class.from_config(config, **kwargs)
+
+
+def _not_hyperparameters(model: Any) -> list[str]:
+    """Init arguments kept out of ``hparams``: a module given as a model, and the optimizer factories.
+
+    Checkpoints stay loadable with ``torch.load(weights_only=True)`` (Lightning's default), and
+    the factories are needed for training only: a run that resumes passes them again.
+    """
+    return ["optimizer", "lr_scheduler"] + (["model"] if isinstance(model, nn.Module) else [])
+
+
+def label_config(label_names: list[str] | None, num_labels: int) -> dict[str, dict[Any, Any]]:
+    """``{"id2label": ..., "label2id": ...}`` of a Hugging Face config for ``label_names`` (``{}`` for none).
+
+    Raises:
+        ValueError: If the names are not ``num_labels`` distinct non-empty strings.
+    """
+    if label_names is None:
+        return {}
+    names = list(label_names)
+    if (
+        len(names) != num_labels
+        or len(set(names)) != len(names)
+        or not all(isinstance(n, str) and n for n in names)
+    ):
+        raise ValueError(
+            f"label_names must be {num_labels} distinct names, one per label 0..{num_labels - 1} "
+            f"(num_labels={num_labels}); got {label_names!r}"
+        )
+    return {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
 
 
 _SOURCE = "_backbone_source"
@@ -89,8 +161,15 @@ class _FrozenBackboneModule(L.LightningModule):
         warmup_steps: int,
         schedule: Schedule,
         gradient_checkpointing: bool,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        tokenizer: str | None = None,
     ) -> None:
         super().__init__()
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self._tokenizer_ref = tokenizer
+        self._tokenizer: Any = None
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
         if weight_decay < 0:
@@ -241,8 +320,16 @@ class _FrozenBackboneModule(L.LightningModule):
         return super().__repr__()
 
     def forward(self, **batch: Any) -> Any:
-        """Run the backbone on a tokenizer-style batch (plus ``labels``); returns its output."""
-        return self.backbone(**batch)
+        """Run the backbone on a tokenizer-style batch (plus ``labels``); returns its output.
+
+        A batch may carry ``adapter_names``, one adapter name (or ``None``) per row: row *i*
+        then runs through adapter *i* alone (see :func:`lightning_peft.adapter_per_row`).
+        """
+        names = batch.pop("adapter_names", None)
+        if names is None:
+            return self.backbone(**batch)
+        with adapter_per_row(self, list(names)):
+            return self.backbone(**batch)
 
     def configure_model(self) -> None:
         """Load a deferred backbone; shard it with FSDP2 when ``ModelParallelStrategy`` provides a device mesh.
@@ -265,6 +352,16 @@ class _FrozenBackboneModule(L.LightningModule):
                     callback.apply(self)
         shard_backbone(self, self.device_mesh)
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's ``load_from_checkpoint``: rebuild base + method + trained tensors from a checkpoint.
+
+        transformers' load report about the new head is not shown: the checkpoint restores
+        that head (and the fingerprint check catches any other difference of the base).
+        """
+        with quiet_load_report():
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the trained tensors, plus the adapters' configs and a base fingerprint."""
         checkpointing.on_save_checkpoint(self, checkpoint)
@@ -277,8 +374,34 @@ class _FrozenBackboneModule(L.LightningModule):
         """
         checkpointing.on_load_checkpoint(self, checkpoint)
 
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer of the run (loaded on first use), saved with merged exports; ``None`` if there is none.
+
+        ``tokenizer`` (the init argument: a folder, hub id or ``embedded:`` name) when it was
+        given, else the model's own folder or hub id when that holds a tokenizer.
+        """
+        if self._tokenizer is None:
+            ref = self._tokenizer_ref
+            explicit = ref is not None
+            ref = ref if explicit else self.hparams.get("model")
+            if not isinstance(ref, str | os.PathLike):
+                return None
+            try:
+                self._tokenizer = load_tokenizer(ref)
+            except (OSError, ValueError) as err:
+                if explicit:
+                    raise OSError(f"cannot load the tokenizer {ref!r}: {err}") from err
+                return None
+        return self._tokenizer
+
     def configure_optimizers(self) -> Any:
-        """AdamW over exactly the declared-trainable parameters, with optional warmup and decay."""
+        """The optimizer over exactly the declared-trainable parameters, with its schedule.
+
+        Built here, after the method callback applied its method; see
+        :func:`lightning_peft.optimizers.configure` (AdamW, or the ``optimizer`` factory;
+        matrices decay, vectors do not; warmup and ``schedule``, or the ``lr_scheduler``).
+        """
         named = list(trainable_named_parameters(self))
         if not named:
             raise ValueError(
@@ -286,30 +409,16 @@ class _FrozenBackboneModule(L.LightningModule):
                 "callback, e.g. Trainer(callbacks=[LoRA()]) or FullFinetuning()."
             )
         hp = self.hparams
-        decay = [p for n, p in named if p.ndim >= 2]
-        no_decay = [p for n, p in named if p.ndim < 2]
-        groups = [
-            {"params": decay, "weight_decay": hp.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr)
-        if hp.schedule == "constant" and hp.warmup_steps == 0:
-            return optimizer
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = min(hp.warmup_steps, total)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            if hp.schedule == "constant":
-                return 1.0
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-            if hp.schedule == "linear":
-                return 1.0 - progress
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizers.configure(
+            named,
+            optimizer=self.optimizer_factory,
+            lr_scheduler=self.lr_scheduler_factory,
+            lr=hp.lr,
+            weight_decay=hp.weight_decay,
+            warmup_steps=hp.warmup_steps,
+            schedule=hp.schedule,
+            total_steps=lambda: self.trainer.estimated_stepping_batches,
+        )
 
 
 class SequenceClassifier(_FrozenBackboneModule):
@@ -324,6 +433,24 @@ class SequenceClassifier(_FrozenBackboneModule):
         schedule: LR decay after warmup: ``"cosine"``, ``"linear"`` or ``"constant"``.
         gradient_checkpointing: Recompute activations in the backward pass (non-reentrant).
         torch_dtype: dtype to load the weights in (``"float32"``, ``"bfloat16"``...).
+        optimizer: Builds the optimizer from the parameter groups, e.g. ``torch.optim.SGD``,
+            ``functools.partial(bitsandbytes.optim.PagedAdamW8bit, lr=2e-4)``; in a recipe,
+            ``class_path`` + ``init_args`` (LightningCLI's ``--optimizer`` lands here). ``None``:
+            AdamW with ``lr`` and ``weight_decay``.
+        lr_scheduler: Builds a scheduler from the optimizer (``--lr_scheduler`` lands here);
+            it replaces ``warmup_steps`` and ``schedule``.
+        label_names: Class names in label order (``["negative", "positive"]``): the exported
+            model's ``id2label``/``label2id``. ``lightning-peft`` takes them from the data module.
+        tokenizer: The tokenizer of the run (a folder, hub id or ``embedded:`` name), saved
+            with merged exports; by default the model's own. ``lightning-peft`` takes the data
+            module's.
+        pooling: What the head reads: ``"cls"`` (the model's own head input: BERT's pooled
+            ``[CLS]``, a decoder's last non-pad token), ``"mean"`` (the masked mean of the last
+            hidden states over the user's tokens) or ``"last"`` (the last token the attention
+            mask keeps). ``None`` (the default) follows the checkpoint's own convention:
+            what a sentence-transformers checkpoint was trained with (``"mean"`` for
+            all-MiniLM-L6-v2), else ``"cls"``. Recorded in checkpoints. Merged and PEFT
+            exports need ``"cls"`` (a plain ``AutoModelForSequenceClassification`` cannot mean-pool).
     """
 
     def __init__(
@@ -337,6 +464,11 @@ class SequenceClassifier(_FrozenBackboneModule):
         schedule: Schedule = "cosine",
         gradient_checkpointing: bool = False,
         torch_dtype: str | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        label_names: list[str] | None = None,
+        tokenizer: str | None = None,
+        pooling: Pooling | None = None,
     ) -> None:
         super().__init__(
             lr=lr,
@@ -344,19 +476,31 @@ class SequenceClassifier(_FrozenBackboneModule):
             warmup_steps=warmup_steps,
             schedule=schedule,
             gradient_checkpointing=gradient_checkpointing,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            tokenizer=tokenizer,
         )
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
             raise ValueError(f"num_labels must be an integer >= 2, got {num_labels!r}")
-        self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
-        kwargs: dict[str, Any] = {"num_labels": num_labels}
+        if pooling is not None:
+            check_pooling(pooling)
+        labels = label_config(label_names, num_labels)
+        self.save_hyperparameters(ignore=_not_hyperparameters(model))
+        kwargs: dict[str, Any] = {"num_labels": num_labels, **labels}
         if torch_dtype is not None:
             kwargs["dtype"] = getattr(torch, torch_dtype)
         self.num_labels = num_labels
         if isinstance(model, nn.Module):
             self.backbone = load_pretrained(model, AutoModelForSequenceClassification, **kwargs)
-            self._setup_backbone()
+            if labels and hasattr(self.backbone, "config"):
+                self.backbone.config.update(labels)
         else:  # loaded on first use (streamed into 4-bit under FourBitPrecision): see build_backbone
             self._defer_backbone(model, AutoModelForSequenceClassification, **kwargs)
+        source = model if isinstance(model, str | os.PathLike) else self.backbone.config.name_or_path
+        self.pooling: str = pooling or pooling_convention(source)
+        self.hparams["pooling"] = self.pooling  # the resolved choice, so checkpoints rebuild the same head
+        if isinstance(model, nn.Module):
+            self._setup_backbone()
         task = "binary" if num_labels == 2 else "multiclass"
         metric_kw: dict[str, Any] = (
             {"task": task} if task == "binary" else {"task": task, "num_classes": num_labels}
@@ -365,12 +509,28 @@ class SequenceClassifier(_FrozenBackboneModule):
         self.val_f1 = torchmetrics.F1Score(**metric_kw, **({} if task == "binary" else {"average": "macro"}))
 
     def _setup_backbone(self) -> None:
+        use_pooling(self.backbone, self.pooling)  # before methods apply: an unused pooler is removed
         heads = [h for h in head_module_names(self) if h.rsplit(".", 1)[-1] in ("classifier", "score")]
         if not heads:
             raise ValueError(f"{type(self.backbone).__name__} has no 'classifier' or 'score' head")
         for name in heads:
             declare_trainable(self.get_submodule(name))
         super()._setup_backbone()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only the trained tensors (see the base class) and record the pooling the head was trained on."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[POOLING_KEY] = self.pooling
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint trained with another pooling (its head read other inputs), then restore it."""
+        saved = checkpoint.get(POOLING_KEY, "cls")  # checkpoints written before pooling existed read [CLS]
+        if saved != self.pooling:
+            raise ValueError(
+                f"this checkpoint was trained with pooling={saved!r} but the model pools with {self.pooling!r}; "
+                f"load it with pooling={saved!r} (e.g. SequenceClassifier.load_from_checkpoint(path, pooling={saved!r}))"
+            )
+        super().on_load_checkpoint(checkpoint)
 
     def _check_labels(self, labels: torch.Tensor) -> None:
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_labels):
@@ -424,6 +584,10 @@ class CausalLM(_FrozenBackboneModule):
         torch_dtype: dtype to load the weights in (``"float32"``, ``"bfloat16"``...).
         init: ``"pretrained"`` loads the weights; ``"random"`` builds the architecture from the
             folder's ``config.json`` with seeded random weights (for folders without weights).
+        optimizer: Builds the optimizer from the parameter groups (see :class:`SequenceClassifier`);
+            ``None``: AdamW with ``lr`` and ``weight_decay``.
+        lr_scheduler: Builds a scheduler from the optimizer; it replaces ``warmup_steps`` and ``schedule``.
+        tokenizer: The tokenizer of the run, saved with merged exports; by default the model's own.
     """
 
     def __init__(
@@ -437,6 +601,9 @@ class CausalLM(_FrozenBackboneModule):
         gradient_checkpointing: bool = False,
         torch_dtype: str | None = None,
         init: Literal["pretrained", "random"] = "pretrained",
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        tokenizer: str | None = None,
     ) -> None:
         super().__init__(
             lr=lr,
@@ -444,10 +611,13 @@ class CausalLM(_FrozenBackboneModule):
             warmup_steps=warmup_steps,
             schedule=schedule,
             gradient_checkpointing=gradient_checkpointing,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            tokenizer=tokenizer,
         )
         if init not in ("pretrained", "random"):
             raise ValueError(f"init must be 'pretrained' or 'random', got {init!r}")
-        self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
+        self.save_hyperparameters(ignore=_not_hyperparameters(model))
         kwargs: dict[str, Any] = {}
         if torch_dtype is not None:
             kwargs["dtype"] = getattr(torch, torch_dtype)
@@ -513,6 +683,11 @@ class CausalLM(_FrozenBackboneModule):
         counted = (target != -100).sum(-1)  # (B,)
         return nll.sum(-1) / counted  # (B,), nan where nothing is labelled
 
-    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``backbone.generate`` (with whatever the active method learned)."""
-        return self.backbone.generate(*args, **kwargs)
+    def generate(
+        self, *args: Any, adapter_names: list[str | None] | None = None, **kwargs: Any
+    ) -> torch.Tensor:
+        """``backbone.generate`` with the active adapters, or row *i* with ``adapter_names[i]``."""
+        if adapter_names is None:
+            return self.backbone.generate(*args, **kwargs)
+        with adapter_per_row(self, list(adapter_names)):
+            return self.backbone.generate(*args, **kwargs)

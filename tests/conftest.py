@@ -128,6 +128,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def minilm_batches(path: str, n: int = 4):
+    """``n`` tokenized batches of two short reviews each, with labels, for the MiniLM at ``path``."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    texts = ["a lovely little film", "cold food and a rude waiter", "works as promised", "broke in a week"]
+    out = []
+    for i in range(n):
+        pair = [texts[i % 4], texts[(i + 1) % 4]]
+        enc = tok(pair, padding=True, return_tensors="pt")
+        enc["labels"] = torch.tensor([1 - i % 2, i % 2])
+        out.append(dict(enc))
+    return out
+
+
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 

@@ -120,6 +120,32 @@ def build_from_folder(folder, name: str, **module_kw):
     return module, getattr(c, callback_name)(**options)
 
 
+def build_two(method_seed: int = 1):
+    """``(module, callback)``: a classifier carrying a trained-looking LoRA ``first``, and a callback adding ``second``."""
+    from lightning_peft import SequenceClassifier
+    from lightning_peft.callbacks import LoRA
+
+    module = SequenceClassifier(classifier(), num_labels=2, lr=1e-2, schedule="constant")
+    torch.manual_seed(method_seed)
+    LoRA(r=2, alpha=4, target_modules=["query", "value"], adapter_name="first").apply(module)
+    with torch.no_grad():  # B != 0, as if trained: a wrongly active first adapter would show
+        for name, param in module.named_parameters():
+            if ".lora.first.lora_b" in name:
+                param.normal_(std=0.1)
+    callback = LoRA(r=2, alpha=4, target_modules="all-linear", adapter_name="second")
+    torch.manual_seed(method_seed + 1)
+    callback.apply(module)
+    return module, callback
+
+
+@functools.cache
+def reference_two(steps: int = STEPS) -> dict[str, torch.Tensor]:
+    """The single-process run of :func:`build_two` (cached: do not modify)."""
+    module, callback = build_two()
+    trainer(steps, callbacks=[callback]).fit(module, datamodule=loader(GLOBAL_BATCH))
+    return trained(module)
+
+
 def trainer(
     steps: int = STEPS, strategy="auto", devices: int = 1, callbacks=(), accelerator: str = "cpu", **kw
 ) -> L.Trainer:

@@ -174,3 +174,13 @@ def test_qlora_benchmark_reports_memory_breakdown_optimizers_and_step_ratios():
         assert 0 < ratio < math.inf, text
     cosine = float(re.search(r"logits cosine ([\d.]+)", text).group(1))
     assert 0.9 < cosine <= 1.0, text
+
+
+@pytest.mark.slow
+def test_multi_adapter_benchmark_checks_outputs_and_prints_every_k():
+    text = run_benchmark("multi_adapter.py", *("--hidden", "128", "--layers", "1", "--seq", "8"),
+                         *("--repeats", "1", "--ks", "1", "2"))  # fmt: skip
+    for k in (1, 2):
+        row = table_row(text, f"{k} |")
+        assert len(row) >= 3 and all(0 < x < math.inf for x in row[:3]), text
+    assert "cost of k=2 vs k=1, ours" in text and "ratio at k=2" in text

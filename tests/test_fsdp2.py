@@ -49,6 +49,12 @@ for name in p.METHODS:
         out["lora_all_dtensor"] = torch.tensor(all(hasattr(q, "device_mesh") for q in params))
         out["lora_fsdp_modules"] = torch.tensor(sum(isinstance(m, FSDPModule) for m in module.modules()))
 
+# two adapters: the callback trains the second, the first stays as it was
+module, callback = p.build_two()
+t = p.trainer(p.STEPS, strategy=fsdp2(), devices=2, callbacks=[callback])
+t.fit(module, datamodule=p.loader(p.GLOBAL_BATCH // 2))
+out.update({f"two/{k}": v for k, v in p.trained(module).items()})
+
 # delta checkpoints after one epoch (2 steps), resumed for a second epoch on a model with
 # other initial adapters: a sharded folder (the default) and one gathered file
 for kind, kw in (("sharded", {}), ("file", {"save_distributed_checkpoint": False})):
@@ -250,6 +256,18 @@ def test_quantizing_after_sharding_is_refused_with_the_fix():
         check_strategy(strategy, [("a", plain)])  # would quantize a model nobody shards next
     with pytest.raises(RuntimeError, match="sharded before it was quantized.*shard_backbone"):
         check_strategy(strategy, [("a", plain), ("b", sharded)], sharding_next=True)
+
+
+@pytest.mark.slow
+def test_fsdp2_with_two_adapters_trains_the_second_and_leaves_the_first(fsdp2):
+    (r0, r1), _ = fsdp2
+    got, want = section(r0, "two"), peft_runs.reference_two()
+    start, _ = peft_runs.build_two()
+    start = peft_runs.trained(start)
+    assert_close(got, want, "two adapters")
+    assert_close(section(r1, "two"), want, "two adapters on rank 1")
+    first = [k for k in got if ".lora.first." in k]
+    assert first and all(torch.equal(got[k], start[k]) for k in first)
 
 
 def test_sample_positions_reads_plain_tensors_at_flat_positions():

@@ -79,6 +79,23 @@ def test_peft_loads_our_export_and_we_load_peft_s(family, tmp_path):
     torch.testing.assert_close(_logits(loaded, batch), _logits(native, batch), rtol=0, atol=1e-6)
 
 
+def test_a_classifier_s_trained_head_goes_into_the_peft_export(tmp_path):
+    peft = pytest.importorskip("peft")
+    from lightning_peft import SequenceClassifier
+
+    batch = random_batch()
+    module = SequenceClassifier(tiny_bert_classifier(), num_labels=2)  # its new head trains
+    IA3().apply(module)
+    _perturb(module)
+    with torch.no_grad():
+        module.backbone.classifier.weight.add_(0.5)
+    export_peft(module, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(tiny_bert_classifier(), tmp_path / "ours").eval()
+    torch.testing.assert_close(_logits(theirs, batch), _logits(module, batch), rtol=0, atol=1e-6)
+    loaded = import_peft(SequenceClassifier(tiny_bert_classifier(), num_labels=2), tmp_path / "ours")
+    torch.testing.assert_close(_logits(loaded, batch), _logits(module, batch), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_merge_and_unmerge_are_exact_bias_included(family):
     model = IA3().apply(FAMILIES[family]())

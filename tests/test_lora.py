@@ -132,11 +132,12 @@ def test_trainable_names_are_only_lora_and_base_is_frozen():
     assert count_parameters(model)[0] == 2 * (4 * (64 + 64) + 4 * (64 + 32))
 
 
-def test_modules_to_save_train_in_full():
+def test_modules_to_save_train_in_full_as_the_adapter_s_own_copy():
     model = LoRA(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]).apply(tiny_llama())
     names = set(trainable_parameter_names(model))
-    assert "lm_head.weight" in names
-    assert model.lm_head.weight.requires_grad
+    assert "lm_head.copies.default.module.weight" in names
+    assert model.lm_head.copies["default"].module.weight.requires_grad
+    assert not model.lm_head.base_layer.weight.requires_grad  # the original stays for the base function
     with pytest.raises(ValueError, match="modules_to_save"):
         LoRA(r=2, target_modules=["q_proj"], modules_to_save=["self_attn"]).apply(tiny_llama())
 

@@ -10,7 +10,7 @@ from lightning_peft import CausalLM, SequenceClassifier
 from lightning_peft.callbacks import PartialFinetuning
 from lightning_peft.methods.base import trainable_parameter_names
 
-from conftest import random_batch, tiny_llama
+from conftest import minilm_batches, random_batch, tiny_llama
 
 
 def _trainer(steps: int, **kw) -> L.Trainer:
@@ -27,27 +27,13 @@ def _trainer(steps: int, **kw) -> L.Trainer:
     )
 
 
-def _minilm_batches(path: str, n: int = 4):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    texts = ["a lovely little film", "cold food and a rude waiter", "works as promised", "broke in a week"]
-    out = []
-    for i in range(n):
-        pair = [texts[i % 4], texts[(i + 1) % 4]]
-        enc = tok(pair, padding=True, return_tensors="pt")
-        enc["labels"] = torch.tensor([1 - i % 2, i % 2])
-        out.append(dict(enc))
-    return out
-
-
 def test_minilm_head_only_trains_exactly_the_head(minilm_path):
     module = SequenceClassifier(minilm_path, num_labels=2, lr=5e-2)
     assert module.backbone.training, "a loaded backbone must train with dropout like any new module"
     assert all(not p.requires_grad for n, p in module.named_parameters() if "classifier" not in n)
     before = {k: v.clone() for k, v in module.state_dict().items()}
     trainer = _trainer(4)
-    batches = _minilm_batches(minilm_path)
+    batches = minilm_batches(minilm_path)
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     head = {"backbone.classifier.weight", "backbone.classifier.bias"}
     assert {n for n, p in module.named_parameters() if p.requires_grad} == head
@@ -65,7 +51,7 @@ def test_minilm_head_only_trains_exactly_the_head(minilm_path):
 
 def test_classifier_logs_val_metrics(minilm_path):
     module = SequenceClassifier("embedded:all-MiniLM-L6-v2", num_labels=2)
-    batches = _minilm_batches(minilm_path, n=2)
+    batches = minilm_batches(minilm_path, n=2)
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
     metrics = _trainer(1).validate(module, dataloaders=loader, verbose=False)[0]
     assert {"val_loss", "val_acc", "val_f1"} <= set(metrics)
@@ -140,7 +126,7 @@ def test_missing_model_path_fails_fast(tmp_path):
 
 def test_label_outside_num_labels_is_named(minilm_path):
     module = SequenceClassifier(minilm_path, num_labels=2)
-    batch = _minilm_batches(minilm_path, n=1)[0]
+    batch = minilm_batches(minilm_path, n=1)[0]
     batch["labels"] = torch.tensor([0, 2])
     with pytest.raises(ValueError, match=r"label 2 is outside 0\.\.1"):
         module.training_step(batch, 0)

@@ -562,4 +562,4 @@ def test_minilm_recipe_loads_and_trains_two_steps(tmp_path, monkeypatch, capsys)
     line = next(x for x in out.splitlines() if "trainable params:" in x)
     assert "method: prefix" in line
     assert "92,930" in line  # 6 layers x 2 x 20 tokens x 384 + the 2-class head (770)
-    assert "final validation metrics" in out
+    assert "last validation metrics" in out

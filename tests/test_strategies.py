@@ -29,6 +29,11 @@ for name in p.METHODS:
     t.fit(module, datamodule=p.loader(p.GLOBAL_BATCH // 2))
     out.update({f"{name}/{k}": v for k, v in p.trained(module).items()})
 
+# two adapters: the callback trains the second, the first stays as it was
+module, callback = p.build_two()
+p.trainer(p.STEPS, strategy="ddp", devices=2, callbacks=[callback]).fit(module, datamodule=p.loader(p.GLOBAL_BATCH // 2))
+out.update({f"two/{k}": v for k, v in p.trained(module).items()})
+
 # gradient checkpointing (non-reentrant) under DDP
 module, callback = p.build("lora", gradient_checkpointing=True)
 p.trainer(p.STEPS, strategy="ddp", devices=2, callbacks=[callback]).fit(module, datamodule=p.loader(p.GLOBAL_BATCH // 2))
@@ -73,6 +78,19 @@ def test_ddp_matches_single_process_on_the_same_global_batch(ddp, name):
     got, want, start = section(r0, name), peft_runs.reference(name), peft_runs.initial(name)
     assert_close(got, want, name)
     assert all(not torch.equal(want[k], start[k]) for k in want), "every trainable tensor should move"
+
+
+@pytest.mark.slow
+def test_ddp_with_two_adapters_trains_the_second_and_leaves_the_first(ddp):
+    (r0, r1), _ = ddp
+    got, want = section(r0, "two"), peft_runs.reference_two()
+    start, _ = peft_runs.build_two()
+    start = peft_runs.trained(start)
+    assert_close(got, want, "two adapters")
+    assert_close(section(r1, "two"), want, "two adapters on rank 1")
+    first = [k for k in got if ".lora.first." in k]
+    assert first and all(torch.equal(got[k], start[k]) for k in first)
+    assert all(not torch.equal(got[k], start[k]) for k in got if ".lora.second." in k)
 
 
 @pytest.mark.slow

@@ -152,12 +152,16 @@ def transfer_declarations(source: nn.Module, target: nn.Module) -> None:
         object.__setattr__(target, _ATTR, {key: set(names) for key, names in table.items()})
 
 
-def undeclare(module: nn.Module, adapter: str | None = None) -> None:
-    """Remove the declarations made on ``module`` itself (all of them, or one adapter's)."""
+def undeclare(module: nn.Module, adapter: str | None = None, role: str | None = None) -> None:
+    """Remove declarations made on ``module`` itself: all, one adapter's, or one adapter's in one role."""
     table = getattr(module, _ATTR, None)
     if table is None:
         return
-    kept = {key: names for key, names in table.items() if adapter is not None and key[0] != adapter}
+    kept = {
+        key: names
+        for key, names in table.items()
+        if adapter is not None and not (key[0] == adapter and (role is None or key[1] == role))
+    }
     if kept:
         object.__setattr__(module, _ATTR, kept)
     else:

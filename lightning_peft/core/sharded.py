@@ -1,17 +1,57 @@
-"""Tensors that may be FSDP2 shards (``DTensor``): read a few values, gather, copy into.
+"""Tensors that may be FSDP2 shards (``DTensor``) or FSDP1 flat shards: read a few values, gather, copy into.
 
 Plain torch; used by fingerprints (a few sampled values of every frozen tensor, without
-gathering it), by delta saving (gather the small trained tensors) and by every restore
-(copy a full tensor into a shard: each rank keeps its own piece, no communication).
+gathering it), by delta saving and exports (gather the small trained tensors; FSDP1 units
+gathered for the duration of a save) and by every restore (copy a full tensor into a
+shard: each rank keeps its own piece, no communication).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-__all__ = ["copy_into_tensor", "full_tensor", "is_sharded_tensor", "sample_positions"]
+__all__ = [
+    "WRAPPER_SEGMENTS",
+    "copy_into_tensor",
+    "full_tensor",
+    "gathered_copy",
+    "is_sharded_tensor",
+    "sample_positions",
+    "unsharded_fsdp1",
+    "unwrapped_name",
+]
+
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+"""Name levels that FSDP1 units and activation-checkpoint wrappers insert and ``state_dict()`` drops."""
+
+
+def unwrapped_name(name: str) -> str:
+    """``name`` without the levels FSDP1 units / checkpoint wrappers add (as ``state_dict()`` has it)."""
+    for segment in WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
+@contextlib.contextmanager
+def unsharded_fsdp1(module: nn.Module) -> Iterator[None]:
+    """Inside the block, every FSDP1 unit in ``module``'s tree (``module`` included) holds full parameters.
+
+    A collective on entry (call it on every rank); does nothing when ``module`` holds no FSDP1
+    unit. Writes are not kept (``writeback=False``). FSDP1 frees the gathered storage on exit,
+    so copy what you read (:func:`gathered_copy`) before leaving the block.
+    """
+    if not any(isinstance(m, FullyShardedDataParallel) for m in module.modules()):
+        yield
+        return
+    with FullyShardedDataParallel.summon_full_params(module, writeback=False):
+        yield
 
 
 def is_sharded_tensor(tensor: torch.Tensor) -> bool:
@@ -24,6 +64,16 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     if isinstance(tensor, DTensor):
         return tensor.full_tensor().detach()
     return tensor.detach()
+
+
+def gathered_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of ``tensor`` as a detached CPU tensor of its own (gathers a ``DTensor``: a collective).
+
+    Never shares storage with the live tensor, so it stays valid after the model changes or
+    an FSDP1 unit frees its gathered parameters.
+    """
+    whole = full_tensor(tensor)
+    return whole.clone() if whole.device.type == "cpu" else whole.cpu()
 
 
 def sample_positions(tensor: torch.Tensor, positions: list[int]) -> torch.Tensor:

@@ -33,7 +33,9 @@ __all__ = [
     "linear_layers",
     "matches",
     "replace_module",
+    "require_matches",
     "select_modules",
+    "suggest_names",
 ]
 
 
@@ -137,7 +139,7 @@ def layer_kinds(model: nn.Module, types: tuple[type[nn.Module], ...] = LINEAR_TY
     kinds = []
     for name, _ in linear_layers(model, types):
         last = name.rsplit(".", 1)[-1]
-        if last not in kinds:
+        if last and not last.isdigit() and last not in kinds:  # "0", "1": list positions say nothing
             kinds.append(last)
     return kinds
 
@@ -146,10 +148,31 @@ def _relative(name: str, prefix: str) -> str:
     return name[len(prefix) :] if prefix and name.startswith(prefix) else name
 
 
-def _suggest(entry: str, names: list[str]) -> str:
+def suggest_names(entry: str, names: list[str]) -> str:
+    """``"; did you mean 'x', 'y'?"`` with the names (or their last components) closest to ``entry``, else ``"."``."""
     pool = sorted({n.rsplit(".", 1)[-1] for n in names} | set(names))
     close = difflib.get_close_matches(entry, pool, n=3, cutoff=0.6)
     return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "."
+
+
+def require_matches(model: nn.Module, entries: Sequence[str], argument: str) -> None:
+    """Refuse list entries that name no module of ``model`` (full names or trailing components).
+
+    An entry may name a module relative to the Hugging Face model inside ``model`` (as in
+    :func:`select_modules`) or relative to ``model`` itself.
+
+    Raises:
+        ValueError: Naming the first such entry and the closest existing names.
+    """
+    prefix = backbone_prefix(model)
+    full = [n for n, _ in model.named_modules() if n]
+    names = [_relative(n, prefix) for n in full]
+    for entry in entries:
+        if not any(matches(n, entry) for n in names + full):
+            raise ValueError(
+                f"{argument} entry {entry!r} matches no module of {type(model).__name__}"
+                f"{suggest_names(entry, names)} Layers that exist: {', '.join(layer_kinds(model)) or 'none'}"
+            )
 
 
 def select_modules(
@@ -226,7 +249,7 @@ def select_modules(
             if not any(matches(n, entry) for n in seen_names):
                 raise ValueError(
                     f"{argument} entry {entry!r} matches no module of {type(model).__name__}"
-                    f"{_suggest(entry, seen_names)} Layers that exist: {', '.join(layer_kinds(model, types)) or 'none'}"
+                    f"{suggest_names(entry, seen_names)} Layers that exist: {', '.join(layer_kinds(model, types)) or 'none'}"
                 )
     if not chosen:
         raise ValueError(

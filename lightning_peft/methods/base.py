@@ -19,6 +19,7 @@ hook                     what generic code uses it for             default
 ``from_peft_config``
 ``remove(model)``        ``delete_adapter``                        "cannot be deleted"
 ``check_routable``       ``adapter_per_row``                       "not supported for this method"
+``combine`` (class)      ``add_weighted_adapter``                  "cannot be combined"
 ``starts_as_base``,      what the conformance tests expect          ``True``, ``{}``
 ``example``
 =======================  ========================================  ==================================
@@ -172,6 +173,31 @@ class Method:
         """
         raise MethodError(
             f"{self.name} does not support a different adapter per row of a batch (adapter {self.adapter_name!r})"
+        )
+
+    @classmethod
+    def combine(
+        cls,
+        model: nn.Module,
+        sources: list[Method],
+        weights: list[float],
+        name: str,
+        combination: str,
+        *,
+        rank: int | None,
+        density: float,
+        seed: int,
+    ) -> None:
+        """Add adapter ``name`` combining ``sources`` (adapters of this method) with ``weights``.
+
+        Used by ``lightning_peft.add_weighted_adapter``, which checks the arguments and keeps
+        the new adapter inactive afterwards.
+
+        Raises:
+            MethodError: If the method cannot combine adapters (the default).
+        """
+        raise MethodError(
+            f"{cls.callback_name or cls.name} adapters cannot be combined; add_weighted_adapter supports LoRA"
         )
 
     def _cannot(self, what: str, instead: str) -> str:

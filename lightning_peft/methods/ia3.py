@@ -25,9 +25,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.heads import remove_copies, saved_module_target, saved_modules
 from ..core.layers import dense_weight, editable_weight, is_conv1d, layer_features
 from ..core.ownership import AdapterPart, LayerWrapper, declare_trainable, undeclare
-from ..core.targeting import backbone_prefix, find_backbone, matches, replace_module, select_modules
+from ..core.sharded import full_tensor
+from ..core.targeting import (
+    backbone_prefix,
+    find_backbone,
+    matches,
+    replace_module,
+    select_modules,
+    suggest_names,
+)
 from .base import Method, MethodError, register
 
 # Each family's usual targets and feed-forward layers (those whose input is scaled).
@@ -156,14 +165,36 @@ class IA3Linear(LayerWrapper):
         base = self.innermost()
         with torch.no_grad():
             weight = dense_weight(base).float().clone()  # (out, in), dequantized if 4-bit
-            bias = base.bias.detach().float().clone() if getattr(base, "bias", None) is not None else None
-            for vector in self.ia3.values():
+            bias = full_tensor(base.bias).float().clone() if getattr(base, "bias", None) is not None else None
+            for vector in self.ia3.values():  # FSDP2 shards are gathered: a collective
                 if vector.active and not vector.merged:
-                    self._fold(weight, bias, vector.ia3_l.detach().float(), undo=False)
+                    self._fold(weight, bias, full_tensor(vector.ia3_l).float(), undo=False)
         out = {"weight": weight.to(dtype)}
         if bias is not None:
             out["bias"] = bias.to(dtype)
         return out
+
+
+def _check_feedforward(feedforward: str | list[str], targeted: list[str]) -> None:
+    """Refuse feed-forward entries (or a regex) that name none of the targeted layers: a typo would scale the wrong side.
+
+    Raises:
+        ValueError: Naming the entry, the closest targeted names and the targeted layers.
+    """
+    kinds = ", ".join(dict.fromkeys(t.rsplit(".", 1)[-1] for t in targeted))
+    if isinstance(feedforward, str):
+        if not any(re.fullmatch(feedforward, t) for t in targeted):
+            raise ValueError(
+                f"feedforward_modules={feedforward!r} matches none of the layers (IA)³ targets ({kinds}); the "
+                "regex is matched against full names relative to the Hugging Face model"
+            )
+        return
+    for entry in feedforward:
+        if not any(matches(t, entry) for t in targeted):
+            raise ValueError(
+                f"feedforward_modules entry {entry!r} matches none of the layers (IA)³ targets"
+                f"{suggest_names(entry, targeted)} Targeted layers: {kinds}; feed-forward layers must be targets too"
+            )
 
 
 def ia3_layers(model: nn.Module, adapter_name: str | None = None) -> list[tuple[str, IA3Linear]]:
@@ -270,6 +301,10 @@ class IA3Config(Method):
                 f"layers {foreign[:4]} are already wrapped by another method; (IA)³ cannot rescale the same layers: "
                 "narrow target_modules or use exclude_modules"
             )
+        _check_feedforward(feedforward, [name.removeprefix(prefix) for name, _ in chosen])
+        saved = []  # checked before any layer changes
+        if self.modules_to_save:
+            saved = select_modules(model, self.modules_to_save, types=(nn.Module,), what="modules_to_save")
         for name, module in chosen:
             relative = name.removeprefix(prefix)
             if isinstance(feedforward, str):
@@ -294,11 +329,8 @@ class IA3Config(Method):
             layer.ia3[self.adapter_name] = vector
             if layer is not module:
                 replace_module(model, name, layer)
-        if self.modules_to_save:
-            for _, module in select_modules(
-                model, self.modules_to_save, types=(nn.Module,), what="modules_to_save"
-            ):
-                declare_trainable(module, adapter=self.adapter_name)
+        for _, module in saved:
+            declare_trainable(module, adapter=self.adapter_name)
 
     # -- merging ---------------------------------------------------------------------------
     def merge(self, model: nn.Module) -> None:
@@ -323,13 +355,9 @@ class IA3Config(Method):
         return {name: layer.folded(dtype) for name, layer in ia3_layers(model, self.adapter_name)}
 
     def remove(self, model: nn.Module) -> None:
-        """Take this adapter's vectors out; a layer left without any gets its plain self back."""
-        if self.modules_to_save:
-            raise MethodError(
-                f"(IA)³ adapter {self.adapter_name!r} trained modules_to_save in place; deleting it cannot give "
-                "the base model back"
-            )
+        """Take this adapter's vectors (and module copies) out; a layer left without vectors gets its plain self back."""
         self.unmerge(model)
+        remove_copies(model, self.adapter_name)
         for name, layer in ia3_layers(model, self.adapter_name):
             del layer.ia3[self.adapter_name]
             if not len(layer.ia3):
@@ -348,11 +376,9 @@ class IA3Config(Method):
         if not layers:
             raise MethodError(f"to_peft: the model has no (IA)³ layers of adapter {self.adapter_name!r}")
         state = {f"{name}.ia3_l": layer.ia3[self.adapter_name].ia3_l.detach() for name, layer in layers}
-        saved = []
-        if self.modules_to_save:
-            saved = [n for n, _ in select_modules(backbone, self.modules_to_save, types=(nn.Module,))]
-        for module_name in saved:
-            for pname, param in backbone.get_submodule(module_name).named_parameters():
+        saved = saved_modules(model, self.adapter_name)
+        for module_name, module in saved.items():
+            for pname, param in module.named_parameters():
                 state[f"{module_name}.{pname}"] = param.detach()
         names = sorted(n for n, _ in layers)
         config = {
@@ -360,7 +386,7 @@ class IA3Config(Method):
             "target_modules": names,
             "feedforward_modules": sorted(n for n, layer in layers if layer.feedforward),
             "fan_in_fan_out": any(is_conv1d(layer.innermost()) for _, layer in layers),
-            "modules_to_save": saved or None,
+            "modules_to_save": list(saved) or None,
             "init_ia3_weights": True,
             "inference_mode": True,
             "task_type": "CAUSAL_LM"
@@ -378,9 +404,12 @@ class IA3Config(Method):
             name = key.removeprefix("base_model.model.")
             for peft_part in (f".ia3_l.{self.adapter_name}", ".ia3_l.default", ".ia3_l"):
                 if name.endswith(peft_part):
-                    name = f"{name[: -len(peft_part)]}.ia3.{self.adapter_name}.ia3_l"
+                    target = f"{prefix}{name[: -len(peft_part)]}.ia3.{self.adapter_name}.ia3_l"
                     break
-            target = prefix + name
+            else:  # a module saved in full (PEFT's modules_to_save)
+                target = saved_module_target(
+                    model, name.replace(".modules_to_save.default.", "."), self.adapter_name
+                )
             if target not in ours or tuple(ours[target].shape) != tuple(value.shape):
                 raise MethodError(
                     f"PEFT key {key!r} {tuple(value.shape)} has no counterpart in this model ({target}); was the "

@@ -27,11 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.heads import copy_modules, remove_copies, saved_module_target, saved_modules
 from ..core.layers import dense_weight, editable_weight, is_conv1d, layer_features
-from ..core.ownership import MODULE, TRAIN, LayerWrapper, declare_trainable, owned_tensors
-from ..core.targeting import backbone_prefix, find_backbone, head_module_names, replace_module, select_modules
+from ..core.ownership import LayerWrapper, undeclare
+from ..core.sharded import full_tensor
+from ..core.targeting import backbone_prefix, find_backbone, replace_module, select_modules
 from .base import Method, MethodError, register
-from .lora_kernels import LoRAWeights, check_names, dora_contribution, low_rank_forward
+from .lora_combine import combine_lora
+from .lora_kernels import LoRAWeights, check_names, dora_contribution, low_rank_forward, routed_low_rank
 
 _PEFT_TASKS = (
     ("ForCausalLM", "CAUSAL_LM"),
@@ -88,6 +91,10 @@ class LoRALinear(LayerWrapper):
         if not parts:
             return result
         base_out = result
+        batched = [w for w in parts if w.rows is not None and w.magnitude is None and not w.dropping()]
+        if batched:  # per-row routing: every row's update in two batched products
+            result = routed_low_rank(batched, x, result)
+            parts = [w for w in parts if w not in batched]
         for weights in parts:
             if weights.magnitude is not None:
                 result = result + dora_contribution(weights, self.base_layer, x, base_out)
@@ -101,7 +108,7 @@ class LoRALinear(LayerWrapper):
         update = weights.delta_weight().float()  # (out, in)
         if weights.magnitude is None:
             return update
-        g = weights.magnitude.float() / torch.linalg.vector_norm(base + update, dim=1)  # (out,)
+        g = full_tensor(weights.magnitude).float() / torch.linalg.vector_norm(base + update, dim=1)  # (out,)
         return (g - 1).unsqueeze(1) * base + g.unsqueeze(1) * update
 
     def folded_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -297,8 +304,7 @@ class LoRAConfig(Method):
             )
             if layer is not module:
                 replace_module(model, name, layer)
-        for _, module in saved:
-            declare_trainable(module, adapter=self.adapter_name)
+        copy_modules(model, [name for name, _ in saved], self.adapter_name)
 
     # -- merging ---------------------------------------------------------------------------
     def merge(self, model: nn.Module) -> None:
@@ -323,6 +329,40 @@ class LoRAConfig(Method):
         """Whether this adapter is folded into any base weight."""
         return any(layer.lora[self.adapter_name].merged for _, layer in lora_layers(model, self.adapter_name))
 
+    def remove(self, model: nn.Module) -> None:
+        """Take this adapter out (unmerged first); a layer left without adapters gets its plain self back."""
+        self.unmerge(model)
+        for name, layer in lora_layers(model, self.adapter_name):
+            del layer.lora[self.adapter_name]
+            if not len(layer.lora):
+                replace_module(model, name, layer.base_layer)
+        remove_copies(model, self.adapter_name)
+        for module in model.modules():
+            undeclare(module, self.adapter_name)
+
+    def check_routable(self, model: nn.Module, adapters: list[Method]) -> None:
+        """Rows may use different LoRA adapters: their updates are computed in one batched product."""
+
+    @classmethod
+    def combine(
+        cls,
+        model: nn.Module,
+        sources: list[Method],
+        weights: list[float],
+        name: str,
+        combination: str,
+        *,
+        rank: int | None,
+        density: float,
+        seed: int,
+    ) -> None:
+        """Add adapter ``name`` combining LoRA adapters (see ``lightning_peft.add_weighted_adapter``)."""
+        names = {s.adapter_name for s in sources}
+        layers = {n: layer for n, layer in lora_layers(model) if names & set(layer.lora)}
+        combine_lora(
+            model, layers, sources, weights, name, combination, rank=rank, density=density, seed=seed
+        )
+
     def folded_layers(self, model: nn.Module, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
         """Each adapted layer's weight with every active adapter folded in, and its bias."""
         out: dict[str, dict[str, torch.Tensor]] = {}
@@ -330,7 +370,7 @@ class LoRAConfig(Method):
             tensors = {"weight": layer.folded_weight(dtype)}  # (out, in)
             bias = getattr(layer.innermost(), "bias", None)
             if bias is not None:
-                tensors["bias"] = bias.detach().to(dtype).clone()
+                tensors["bias"] = full_tensor(bias).to(dtype).clone()
             out[name] = tensors
         return out
 
@@ -344,7 +384,6 @@ class LoRAConfig(Method):
         plain name.
         """
         backbone = find_backbone(model)
-        prefix = backbone_prefix(model)
         layers = lora_layers(backbone, self.adapter_name)
         if not layers:
             raise MethodError(f"to_peft: the model has no LoRA layers of adapter {self.adapter_name!r}")
@@ -359,9 +398,9 @@ class LoRAConfig(Method):
             state[f"{name}.lora_B.weight"] = weights.lora_b.detach()
             if weights.magnitude is not None:
                 state[f"{name}.lora_magnitude_vector"] = weights.magnitude.detach()
-        saved = self._saved_module_names(model, backbone, prefix)
-        for module_name in saved:
-            for pname, param in backbone.get_submodule(module_name).named_parameters():
+        saved = saved_modules(model, self.adapter_name)
+        for module_name, module in saved.items():
+            for pname, param in module.named_parameters():
                 state[f"{module_name}.{pname}"] = param.detach()
         config = {
             "peft_type": "LORA",
@@ -371,7 +410,7 @@ class LoRAConfig(Method):
             "target_modules": _peft_targets(backbone, [n for n, _ in layers]),
             "use_dora": self.use_dora,
             "use_rslora": self.use_rslora,
-            "modules_to_save": saved or None,
+            "modules_to_save": list(saved) or None,
             "fan_in_fan_out": conv1d,
             "bias": "none",
             "init_lora_weights": True,
@@ -381,22 +420,6 @@ class LoRAConfig(Method):
             ),
         }
         return config, state
-
-    def _saved_module_names(self, model: nn.Module, backbone: nn.Module, prefix: str) -> list[str]:
-        """Backbone-relative names of modules this adapter (or the model itself) trains in full."""
-        owners = {id(o.tensor): o.adapter for o in owned_tensors(model) if o.role == TRAIN}
-        mine = {self.adapter_name, MODULE}
-        names: list[str] = []
-        candidates = []
-        if self.modules_to_save:
-            candidates += [n for n, _ in select_modules(backbone, self.modules_to_save, types=(nn.Module,))]
-        candidates += [n[len(prefix) :] for n in head_module_names(model) if n.startswith(prefix)]
-        for name in candidates:
-            params = list(backbone.get_submodule(name).parameters())
-            if params and all(owners.get(id(p)) in mine for p in params):
-                if name not in names and not any(name.startswith(other + ".") for other in names):
-                    names.append(name)
-        return names
 
     def from_peft(self, model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Rename a PEFT LoRA state dict to this adapter's tensor names in ``model``.
@@ -417,9 +440,12 @@ class LoRAConfig(Method):
                 (".lora_magnitude_vector", "magnitude"),
             ):
                 if name.endswith(peft_part):
-                    name = name[: -len(peft_part)] + mine + our_part
+                    target = prefix + name[: -len(peft_part)] + mine + our_part
                     break
-            target = prefix + name
+            else:  # a module saved in full (PEFT's modules_to_save)
+                target = saved_module_target(
+                    model, name.replace(".modules_to_save.default.", "."), self.adapter_name
+                )
             if target not in ours:
                 raise MethodError(
                     f"PEFT key {key!r} maps to {target!r}, which this model does not have; was the adapter "

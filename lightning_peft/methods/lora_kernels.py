@@ -16,8 +16,16 @@ from torch import nn
 
 from ..core.layers import dense_weight
 from ..core.ownership import AdapterPart, declare_trainable
+from ..core.sharded import full_tensor
 
-__all__ = ["LoRAWeights", "check_names", "dora_contribution", "keep_mask", "low_rank_forward"]
+__all__ = [
+    "LoRAWeights",
+    "check_names",
+    "dora_contribution",
+    "keep_mask",
+    "low_rank_forward",
+    "routed_low_rank",
+]
 
 
 def check_names(value: Any, what: str, allow_all_linear: bool) -> str | list[str] | None:
@@ -104,9 +112,16 @@ class LoRAWeights(AdapterPart):
             f"merged={self.merged}, active={self.active}"
         )
 
+    def dropping(self) -> bool:
+        """Whether this adapter drops inputs in the current forward (training with dropout)."""
+        return self.training and self.dropout_p > 0.0
+
     def delta_weight(self) -> torch.Tensor:
-        """``s * B @ A`` as an ``(out, in)`` tensor in the adapter's dtype."""
-        return (self.lora_b @ self.lora_a) * self.scale
+        """``s * B @ A`` as an ``(out, in)`` tensor in the adapter's dtype, detached.
+
+        FSDP2 shards (``DTensor``) are gathered first (a collective: call it on every rank).
+        """
+        return (full_tensor(self.lora_b) @ full_tensor(self.lora_a)) * self.scale
 
 
 # --------------------------------------------------------------------------- dropout path
@@ -208,6 +223,42 @@ def low_rank_forward(weights: LoRAWeights, x: torch.Tensor, result: torch.Tensor
             start.reshape(-1, start.shape[-1]), h.reshape(-1, weights.r), b.t(), alpha=weights.scale
         ).view(start.shape)  # (..., out)
     return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+def routed_low_rank(parts: list[LoRAWeights], x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """``result`` plus, for every row, the update of the adapter routed to it: two batched products.
+
+    Serving many tasks in one batch: rather than one small product per adapter over its
+    sub-batch, the factors of all routed adapters are stacked (ranks zero-padded to the
+    largest, scales folded into ``B``, a zero slot for rows of no adapter), each row gathers
+    its own, and ``bmm`` computes every row's ``B A x`` at once.
+
+    Args:
+        parts: Routed adapters of one layer (each with a ``rows`` mask; masks are disjoint).
+        x: The layer input, ``(B, ..., in)``.
+        result: The base output, ``(B, ..., out)``.
+    """
+    batch, in_f, out_f = x.shape[0], x.shape[-1], result.shape[-1]
+    device_type = x.device.type
+    dtype = (
+        torch.get_autocast_dtype(device_type)
+        if torch.is_autocast_enabled(device_type)
+        else parts[0].lora_a.dtype
+    )
+    rank = max(p.r for p in parts)
+    a_stack = [x.new_zeros(rank, in_f, dtype=dtype)]  # slot 0: rows of no adapter
+    b_stack = [x.new_zeros(out_f, rank, dtype=dtype)]
+    slot = torch.zeros(batch, dtype=torch.long, device=x.device)  # (B,)
+    for k, part in enumerate(parts, start=1):
+        a_stack.append(F.pad(part.lora_a.to(dtype), (0, 0, 0, rank - part.r)))  # (rank, in)
+        b_stack.append(F.pad(part.lora_b.to(dtype) * part.scale, (0, rank - part.r)))  # (out, rank)
+        slot = torch.where(part.rows.to(x.device), k, slot)
+    a_rows = torch.stack(a_stack)[slot]  # (B, rank, in)
+    b_rows = torch.stack(b_stack)[slot]  # (B, out, rank)
+    h = torch.bmm(x.reshape(batch, -1, in_f).to(dtype), a_rows.transpose(1, 2))  # (B, T, rank)
+    start = result.reshape(batch, -1, out_f)
+    out = torch.baddbmm(start.to(dtype), h, b_rows.transpose(1, 2))  # (B, T, out)
+    return out.to(result.dtype).view(result.shape)
 
 
 def dora_contribution(

@@ -113,17 +113,41 @@ class PromptBank(nn.ModuleDict):
         self.trim = trim
         self._pending: list[tuple[int, int, int] | None] = []
 
+    def served_rows(self) -> torch.Tensor | None:
+        """``(B,)`` bool: the rows some prompt serves under per-row routing; ``None`` when not routed."""
+        serving = [p for p in self.values() if p.serves()]
+        if not serving or all(p.rows is None for p in serving):
+            return None
+        served = torch.zeros_like(serving[0].rows)
+        for part in serving:
+            served = served | part.rows
+        return served
+
     def prompt(self, batch_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The serving adapters' prompts, one after the other, repeated over the batch: (B, P, dim)."""
-        parts = [p.weight for p in self.values() if p.serves()]
-        weight = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]  # (P, H)
+        """The serving prompts: one after the other (B, P, dim), or each row's own when routed per row."""
+        serving = [p for p in self.values() if p.serves()]
+        if self.served_rows() is not None:  # each row its own prompt (equal lengths), zeros for base rows
+            stack = torch.stack(
+                [torch.zeros_like(serving[0].weight)] + [p.weight for p in serving]
+            )  # (E+1, P, H)
+            slot = torch.zeros(batch_size, dtype=torch.long, device=stack.device)
+            for k, part in enumerate(serving, start=1):
+                slot = torch.where(part.rows.to(stack.device), k, slot)
+            rows = stack[slot]  # (B, P, H)
+            return rows if dtype is None else rows.to(dtype)
+        weight = (
+            torch.cat([p.weight for p in serving], dim=0) if len(serving) > 1 else serving[0].weight
+        )  # (P, H)
         if dtype is not None:
             weight = weight.to(dtype)
         return weight.unsqueeze(0).expand(batch_size, -1, -1)  # (B, P, H)
 
     def num_tokens(self) -> int:
         """Prompt vectors in front of the input for the current forward."""
-        return sum(p.num_virtual_tokens for p in self.values() if p.serves())
+        serving = [p for p in self.values() if p.serves()]
+        if self.served_rows() is not None:
+            return serving[0].num_virtual_tokens  # routed prompts have equal lengths
+        return sum(p.num_virtual_tokens for p in serving)
 
     def attach(self, target: nn.Module) -> None:
         """Register this bank as ``target.soft_prompts`` and hook ``target``'s forward."""
@@ -141,10 +165,15 @@ class PromptBank(nn.ModuleDict):
             self._pending.append(None)
             return None  # no prompt takes part: the model runs as the base model
         kw = bind_arguments(module, args, kwargs)
-        if cache_length(kw) > 0:
+        served = self.served_rows()  # (B,) under per-row routing: base rows must not see a prompt
+        past = cache_length(kw)
+        if past > 0:
             # Cached decoding step: the prompt is already in the cache (P + past entries).
-            kw["attention_mask"] = extend_attention_mask(kw.get("attention_mask"), num, at=0)
-            kw["position_ids"] = shift_position_ids(kw.get("position_ids"), num)
+            if served is not None:
+                self._route_cached_step(kw, num, past, served)
+            else:
+                kw["attention_mask"] = extend_attention_mask(kw.get("attention_mask"), num, at=0)
+                kw["position_ids"] = shift_position_ids(kw.get("position_ids"), num)
             self._pending.append(None)
             return (), kw
         ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
@@ -158,9 +187,12 @@ class PromptBank(nn.ModuleDict):
         prompt = self.prompt(batch, embeds.dtype)  # (B, P, H)
         kw["input_ids"] = None
         kw["inputs_embeds"] = torch.cat([embeds[:, :at], prompt, embeds[:, at:]], dim=1)  # (B, P + T, H)
-        kw["attention_mask"] = extend_attention_mask(kw.get("attention_mask"), num, at)
-        if kw.get("position_ids") is not None:
-            kw["position_ids"] = extend_position_ids(kw["position_ids"], num, at)
+        if served is not None:
+            self._route_first_step(kw, num, at, batch, length, served.to(embeds.device))
+        else:
+            kw["attention_mask"] = extend_attention_mask(kw.get("attention_mask"), num, at)
+            if kw.get("position_ids") is not None:
+                kw["position_ids"] = extend_position_ids(kw["position_ids"], num, at)
         if kw.get("token_type_ids") is not None:
             kw["token_type_ids"] = extend_token_type_ids(kw["token_type_ids"], num, at)
         labels = kw.get("labels")
@@ -169,6 +201,41 @@ class PromptBank(nn.ModuleDict):
             kw["labels"] = torch.cat([ignore, labels], dim=1)  # (B, P + T)
         self._pending.append((at, length, num))
         return (), kw
+
+    @staticmethod
+    def _route_first_step(
+        kw: dict[str, Any], num: int, at: int, batch: int, length: int, served: torch.Tensor
+    ) -> None:
+        """Masks and positions when rows are routed: base rows ignore the prompt columns and keep their positions."""
+        mask = kw.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(batch, length, dtype=torch.long, device=served.device)
+        columns = served.to(mask.dtype).unsqueeze(1).expand(-1, num)  # (B, P): 0 for base rows
+        kw["attention_mask"] = torch.cat([mask[:, :at], columns, mask[:, at:]], dim=1)  # (B, P + T)
+        positions = kw.get("position_ids")
+        if positions is None:
+            positions = torch.arange(length, device=served.device).unsqueeze(0).expand(batch, -1)  # (B, T)
+        positions = positions.expand(batch, -1)
+        routed = extend_position_ids(positions, num, at)  # (B, P + T): the single-adapter layout
+        base = torch.cat([positions[:, :at], positions.new_zeros(batch, num), positions[:, at:]], dim=1)
+        kw["position_ids"] = torch.where(served.unsqueeze(1), routed, base)
+
+    @staticmethod
+    def _route_cached_step(kw: dict[str, Any], num: int, past: int, served: torch.Tensor) -> None:
+        """A cached step under routing: base rows skip the cached prompt entries and their positions."""
+        ref = kw.get("input_ids")
+        ref = kw.get("inputs_embeds") if ref is None else ref
+        batch, new = ref.shape[0], ref.shape[1]
+        mask = kw.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(batch, past - num + new, dtype=torch.long, device=served.device)
+        columns = served.to(mask.device, mask.dtype).unsqueeze(1).expand(-1, num)  # (B, P)
+        kw["attention_mask"] = torch.cat([columns, mask], dim=1)  # (B, P + past - P + new)
+        positions = kw.get("position_ids")
+        if positions is None:
+            steps = torch.arange(past - num, past - num + new, device=served.device)  # real positions
+            positions = steps.unsqueeze(0).expand(batch, -1)
+        kw["position_ids"] = positions + num * served.to(positions.device).long().unsqueeze(1)
 
     def after_forward(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -309,6 +376,19 @@ class PromptTuningConfig(Method):
             with torch.no_grad():
                 prompt.weight.copy_(table.weight[ids.to(table.weight.device)].to(dtype))  # (P, H)
         bank[self.adapter_name] = prompt
+
+    def check_routable(self, model: nn.Module, adapters: list[Method]) -> None:
+        """Rows may use different prompts of one length (each row gets its own; base rows none).
+
+        Raises:
+            MethodError: If the routed prompts have different lengths.
+        """
+        lengths = {a.adapter_name: a.num_virtual_tokens for a in adapters}
+        if len(set(lengths.values())) > 1:
+            raise MethodError(
+                f"adapter_per_row: prompts of different lengths cannot share a batch ({lengths}); route prompts "
+                "of equal num_virtual_tokens together, or run the others in their own batches"
+            )
 
     def remove(self, model: nn.Module) -> None:
         """Take this adapter's prompt out; the hooks do nothing once the bank is empty."""

@@ -25,12 +25,13 @@ import torch
 from torch import nn
 
 from ..methods.base import MethodError, applied_methods
+from ..progress import progress
 from .errors import CorruptDeltaError, DeltaError
 from .files import deserialize, replace_atomically, serialize, tensor_sha256, write_file, write_once
 from .fingerprint import dtype_name
 from .records import build_record, select_adapter, validate_record
 from .restore import restore
-from .state import gathered_delta_state_dict
+from .state import full_parameters, gathered_delta_state_dict
 
 FORMAT = "lightning-peft-delta"
 """The ``format`` field of a delta folder's manifest."""
@@ -88,7 +89,8 @@ def save_delta(obj: nn.Module, directory: str | os.PathLike, adapter_name: str |
     folder at a time.
 
     Safe on every rank of a distributed run (DDP, FSDP2, FSDP): every rank gathers, rank 0
-    writes, the others wait; the folder loads in one process.
+    writes, the others wait; the folder loads in one process. After an FSDP run pass the
+    LightningModule or the ``FullyShardedDataParallel``-wrapped model.
 
     Args:
         obj: The model (LightningModule or plain ``nn.Module``) the methods were applied to.
@@ -106,12 +108,14 @@ def save_delta(obj: nn.Module, directory: str | os.PathLike, adapter_name: str |
     directory = Path(directory)
     names = _adapters_to_save(obj, adapter_name, "save_delta")
     _refuse_merged(obj, names, "save_delta")
-    state = gathered_delta_state_dict(obj, names)  # a collective under FSDP2
-    if not state:
-        raise ValueError(
-            f"{type(obj).__name__} has no declared-trainable tensors: apply a method first, e.g. LoRA().apply(model)"
-        )
-    record = build_record(obj, state, names)  # the fingerprint is a collective under FSDP2 too
+    with full_parameters(obj):  # FSDP1: every unit gathered (a collective); FSDP2 gathers per tensor
+        state = gathered_delta_state_dict(obj, names)  # a collective under FSDP2
+        if not state:
+            raise ValueError(
+                f"{type(obj).__name__} has no declared-trainable tensors: apply a method first, "
+                "e.g. LoRA().apply(model)"
+            )
+        record = build_record(obj, state, names)  # the fingerprint is a collective under FSDP2 too
     return write_once(lambda: _write_folder(directory, state, record))
 
 
@@ -131,7 +135,7 @@ def _write_folder(directory: Path, state: dict[str, torch.Tensor], record: dict[
     data_name = f"delta-{generation}.safetensors"
     data = serialize(state, metadata={"format": "pt", "generation": generation})
     write_file(directory / data_name, data)
-    for name, tensor in state.items():
+    for name, tensor in progress(state.items(), desc="Saving the delta", unit="tensor"):
         record["tensors"][name]["sha256"] = tensor_sha256(tensor)
     manifest = {
         "format": FORMAT,
@@ -229,7 +233,7 @@ def read_delta(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
         raise CorruptDeltaError(
             f"{where}: the data file holds {sorted(set(tensors) ^ set(specs))[:6]} not matching {MANIFEST}"
         )
-    for name, spec in specs.items():
+    for name, spec in progress(specs.items(), desc="Checking the delta", unit="tensor"):
         t = tensors[name]
         if (
             list(t.shape) != spec["shape"]

@@ -29,7 +29,8 @@ from torch import nn
 
 from ..core.layers import dense_weight, is_conv1d
 from ..core.ownership import owned_tensors
-from ..core.sharded import sample_positions
+from ..core.sharded import sample_positions, unwrapped_name
+from ..progress import progress
 from .errors import CorruptDeltaError, FingerprintMismatchError
 
 IGNORE_FINGERPRINT_ENV = "LIGHTNING_PEFT_IGNORE_FINGERPRINT"
@@ -53,7 +54,8 @@ def _frozen_parameters(obj: nn.Module) -> Iterator[tuple[str, nn.Module, str, to
                 continue
             seen.add(id(param))
             if id(param) not in trainable:
-                yield (f"{module_name}.{attr}" if module_name else attr), module, attr, param
+                name = f"{module_name}.{attr}" if module_name else attr
+                yield unwrapped_name(name), module, attr, param  # as state_dict() names it
 
 
 def dtype_name(dtype: torch.dtype | Any) -> str:
@@ -119,7 +121,8 @@ def fingerprint(obj: nn.Module, samples: int = SAMPLES) -> dict[str, Any]:
     """
     tensors: list[dict[str, Any]] = []
     overall = hashlib.sha256(f"{FINGERPRINT_ALGORITHM};{samples}".encode())
-    for name, module, attr, param in _frozen_parameters(obj):
+    frozen = list(_frozen_parameters(obj))
+    for name, module, attr, param in progress(frozen, desc="Fingerprinting the base", unit="tensor"):
         shape, dtype, source, quantized = _logical(module, attr, param)
         entry: dict[str, Any] = {"name": name, "shape": list(shape), "dtype": dtype}
         if quantized:

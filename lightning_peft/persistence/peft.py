@@ -17,15 +17,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.sharded import full_tensor
+from ..core.pooling import refuse_pooled_export
+from ..core.sharded import gathered_copy, unwrapped_name
 from ..core.targeting import find_backbone
 from ..hub import embedded_hub_id, local_folder
 from ..methods.base import Method, MethodError, applied_methods, registry
+from ..progress import progress
 from .errors import CorruptDeltaError, DeltaError
 from .files import deserialize, replace_atomically, serialize, write_once
 from .records import RECORD_VERSION
 from .restore import restore
-from .state import delta_state_dict
+from .state import delta_state_dict, full_parameters
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -61,9 +63,23 @@ def peft_form(obj: nn.Module, method: Method) -> tuple[dict[str, Any], dict[str,
             f"export_peft: the PEFT form of adapter {method.adapter_name!r} ({method.name}) holds {exported} values "
             f"but {trained} are trained; exporting would lose some of them (a trainable module PEFT does not save)"
         )
+    config = {
+        key: _unwrapped(value) for key, value in config.items()
+    }  # layer names as after an FSDP1 run too
     config = {**config, "base_model_name_or_path": base_model_reference(obj)}
     prompt_learning = config.get("peft_type") in PROMPT_LEARNING
-    return config, {(name if prompt_learning else PEFT_PREFIX + name): t for name, t in state.items()}
+    return config, {
+        (name if prompt_learning else PEFT_PREFIX + unwrapped_name(name)): t for name, t in state.items()
+    }
+
+
+def _unwrapped(value: Any) -> Any:
+    """A config value with the levels FSDP1 units and checkpoint wrappers add left out of its names."""
+    if isinstance(value, str):
+        return unwrapped_name(value)
+    if isinstance(value, list):
+        return [_unwrapped(v) for v in value]
+    return value
 
 
 def export_peft(obj: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
@@ -74,13 +90,17 @@ def export_peft(obj: nn.Module, directory: str | os.PathLike, adapter_name: str 
     subfolders by name). ``PeftModel.from_pretrained(base, directory)`` (and vLLM, TGI, ...)
     load the root adapter; ``adapter_name=`` / ``subfolder=`` the others.
 
-    Safe on every rank of a distributed run: every rank gathers, rank 0 writes.
+    Safe on every rank of a distributed run (DDP, FSDP2, FSDP): every rank gathers, rank 0
+    writes, the others wait.
 
     Raises:
         ValueError: If no adapter is applied or the named one does not exist;
             :class:`~lightning_peft.methods.MethodError` (a ``ValueError``) if a method has no
-            PEFT counterpart (its message names what works instead).
+            PEFT counterpart (its message names what works instead); ``ValueError`` for a
+            classifier that pools otherwise than its plain Hugging Face class
+            (``SequenceClassifier(pooling="mean")``): PEFT would load it onto one.
     """
+    refuse_pooled_export(obj, "export_peft")
     methods = applied_methods(obj)
     if not methods:
         raise ValueError(
@@ -97,8 +117,11 @@ def export_peft(obj: nn.Module, directory: str | os.PathLike, adapter_name: str 
                 f"export_peft: adapter {name!r} combines {[m.name for m in parts]}, but a Hugging Face PEFT adapter "
                 "holds one method; use lightning_peft.save_delta for combined methods"
             )
-        config, tensors = peft_form(obj, parts[0])
-        tensors = {k: full_tensor(v).cpu() for k, v in tensors.items()}  # gathers FSDP2 shards: a collective
+        with full_parameters(obj):  # FSDP1: every unit gathered (a collective)
+            config, tensors = peft_form(obj, parts[0])
+            tensors = {  # gathers FSDP2 shards: a collective
+                k: gathered_copy(v) for k, v in progress(tensors.items(), desc="Exporting", unit="tensor")
+            }
         at_root = adapter_name is not None or name == DEFAULT
         forms.append(("" if at_root else name, config, tensors))
     directory = Path(directory)

@@ -8,8 +8,8 @@ same exceptions (:mod:`lightning_peft.persistence.errors`):
 2. compare them with the adapters the model already carries: one of the same name must
    have the same config (it is reused), others are applied after the checks;
 3. check the frozen base against the recorded fingerprint (when there is one);
-4. apply the missing adapters and, on a model that carried none, restore which ones were
-   active and trainable;
+4. apply the missing adapters and, on a model that carried none (or when restoring a whole
+   run from a checkpoint), restore which ones were active and trainable;
 5. check names, shapes and kinds of dtype of the incoming tensors against the model's own;
 6. only then copy, each rank keeping its own piece of an FSDP2 shard.
 
@@ -30,7 +30,7 @@ from ..methods.base import Method, find_record, sync_adapters
 from .errors import DeltaError
 from .fingerprint import check_fingerprint, fingerprint
 from .records import configs_from_record
-from .state import delta_state_dict
+from .state import delta_owners, delta_state_dict
 
 __all__ = ["check_tensors", "rebase_names", "restore"]
 
@@ -107,6 +107,21 @@ def _plan(obj: nn.Module, configs: list[Method], where: str, only_recorded: bool
     return missing
 
 
+def _renamed(
+    obj: nn.Module, record: dict[str, Any], names: list[str], old: str, new: str, where: str
+) -> dict[str, str]:
+    """Saved names of adapter ``old``'s tensors -> the live names of adapter ``new``'s, in module order."""
+    specs = record.get("tensors", {})
+    saved = [n for n in names if specs.get(n, {}).get("adapter") == old]
+    live = [n for n, owner in delta_owners(obj, [new]).items() if owner == new]
+    if len(saved) != len(live):
+        raise DeltaError(
+            f"{where}: adapter {old!r} holds {len(saved)} tensors, but loaded as {new!r} it has {len(live)} "
+            "(was it saved from another model?)"
+        )
+    return dict(zip(saved, live))
+
+
 def restore(
     obj: nn.Module,
     record: dict[str, Any],
@@ -160,7 +175,7 @@ def restore(
         config.apply(obj)
     names = list(dict.fromkeys(c.adapter_name for c in configs))
     live_record = find_record(obj)
-    if not had_adapters and live_record is not None and configs:
+    if (only_recorded or not had_adapters) and live_record is not None and configs:
         renamed = rename or {}
         live_record.active = [renamed.get(n, n) for n in record.get("active", names)]
         live_record.trainable = [renamed.get(n, n) for n in record.get("trainable", names)]
@@ -169,6 +184,8 @@ def restore(
         incoming = mapper(obj, configs, tensors)
     else:
         mapping = rebase_names(list(tensors), record.get("backbone_prefix", ""), backbone_prefix(obj))
+        for old, new in (rename or {}).items():
+            mapping.update(_renamed(obj, record, list(tensors), old, new, where))
         incoming = {mapping[k]: v for k, v in tensors.items()}
     live = delta_state_dict(obj, names, keep_vars=True)
     check_tensors(incoming, live, where, exact=exact)

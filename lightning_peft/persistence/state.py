@@ -2,32 +2,49 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import contextlib
+from collections.abc import Collection, Iterator
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from ..core.ownership import owned_tensors
-from ..core.sharded import full_tensor
+from ..core.sharded import gathered_copy, unsharded_fsdp1, unwrapped_name
 
 __all__ = [
     "delta_owners",
     "delta_state_dict",
     "delta_state_names",
+    "full_parameters",
     "gathered_delta_state_dict",
     "unwrapped_name",
 ]
 
-# Wrapper modules that insert a level into parameter names but drop it again in
-# ``state_dict()``: FSDP1 units and activation-checkpoint wrappers.
-_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+def fsdp1_scope(obj: nn.Module) -> nn.Module:
+    """The module whose FSDP1 units hold all of ``obj``'s parameters.
+
+    ``obj`` itself, unless it is a LightningModule that Lightning's ``FSDPStrategy`` wrapped:
+    then the root ``FullyShardedDataParallel`` around it (``trainer.strategy.model``), which
+    holds the parameters no transformer-block unit took (embeddings, task head).
+    """
+    trainer = getattr(obj, "_trainer", None)
+    wrapper = getattr(getattr(trainer, "strategy", None), "model", None)
+    if isinstance(wrapper, FullyShardedDataParallel) and any(m is obj for m in wrapper.modules()):
+        return wrapper
+    return obj
 
 
-def unwrapped_name(name: str) -> str:
-    """``name`` without the levels FSDP1 / checkpoint wrappers add (as ``state_dict()`` has it)."""
-    for segment in _WRAPPER_SEGMENTS:
-        name = name.replace(segment, "")
-    return name
+@contextlib.contextmanager
+def full_parameters(obj: nn.Module) -> Iterator[None]:
+    """Inside the block, ``obj``'s FSDP1-sharded parameters are whole on every rank (a collective).
+
+    For saving after an FSDP1 run; nothing happens for other models (FSDP2 ``DTensor`` shards
+    are gathered tensor by tensor instead). Copy what you read before leaving the block.
+    """
+    with unsharded_fsdp1(fsdp1_scope(obj)):
+        yield
 
 
 def delta_state_dict(
@@ -66,8 +83,9 @@ def delta_state_names(obj: nn.Module, adapters: Collection[str] | None = None) -
 def gathered_delta_state_dict(
     obj: nn.Module, adapters: Collection[str] | None = None
 ) -> dict[str, torch.Tensor]:
-    """:func:`delta_state_dict` with every FSDP2 shard gathered, on the CPU.
+    """:func:`delta_state_dict` with every FSDP2 shard gathered: CPU copies that share no storage with the model.
 
-    A collective when the model is sharded: call it on every rank, in the same order.
+    A collective when the model is sharded: call it on every rank, in the same order. Under
+    FSDP1 call it inside :func:`full_parameters`.
     """
-    return {name: full_tensor(t).cpu() for name, t in delta_state_dict(obj, adapters).items()}
+    return {name: gathered_copy(t) for name, t in delta_state_dict(obj, adapters).items()}

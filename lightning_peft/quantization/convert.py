@@ -15,8 +15,9 @@ from torch import nn
 
 from ..core.layers import LINEAR_TYPES, Conv1D, dense_weight, is_4bit, is_conv1d
 from ..core.ownership import owned_tensors, transfer_declarations
-from ..core.targeting import head_module_names, replace_module
+from ..core.targeting import head_module_names, replace_module, require_matches
 from ..methods.base import applied_methods
+from ..progress import progress
 from .kernels import quantize_linear
 from .spec import QuantSpec
 
@@ -54,6 +55,7 @@ def quantizable_modules(
     method wraps (``LoRALinear.base_layer``) qualify.
     """
     skip = list(skip_modules or ())
+    require_matches(model, skip, "skip_modules")  # a typo would quietly quantize the layer meant to stay
     if skip_heads:
         skip += head_module_names(model)
     for method in applied_methods(model):
@@ -104,7 +106,8 @@ def quantize_model(
     spec = spec or QuantSpec()
     names = []
     kept = _kept_ids(model)
-    for name, module in quantizable_modules(model, skip_modules, skip_heads=skip_heads):
+    chosen = quantizable_modules(model, skip_modules, skip_heads=skip_heads)
+    for name, module in progress(chosen, desc="Quantizing to 4-bit", unit="layer"):
         if module.weight.device.type == "meta":
             raise ValueError(f"layer {name} is on the meta device; load its weights before quantizing")
         layer = quantize_linear(module, device=device, **spec.layer_kwargs())

@@ -32,8 +32,9 @@ except ImportError:  # transformers 4.x keeps it in modeling_utils
 
 from ..core.layers import LINEAR_TYPES, is_4bit
 from ..core.targeting import HEAD_NAMES, head_module_names, replace_module
-from ..hub import local_folder
+from ..hub import MODEL_FILES, local_folder
 from ..methods.base import is_applying
+from ..progress import library_bars, progress_bar
 from .convert import quantizable_modules
 from .heap import release_freed_memory
 from .kernels import quantize_linear
@@ -249,9 +250,8 @@ def load_quantized(
             or holds no safetensors weights.
         ValueError: If the checkpoint lacks tensors the model needs.
     """
-    folder = local_folder(
-        source, what="model", allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]
-    )
+    with library_bars():
+        folder = local_folder(source, what="model", allow_patterns=MODEL_FILES)
     files = safetensors_files(folder)
     spec = spec or QuantSpec()
     auto_class = auto_class or AutoModelForCausalLM
@@ -276,6 +276,7 @@ def load_quantized(
     prefix = getattr(model, "base_model_prefix", "") or ""
     pending: dict[str, dict[str, torch.Tensor]] = {}
     unexpected: list[str] = []
+    bar = progress_bar(desc="Loading into 4-bit", total=len(targets), unit="layer")
     for path in files:
         for key, tensor in iter_safetensors(path):
             name = _match_key(key, slots, prefix)
@@ -292,10 +293,12 @@ def load_quantized(
                     new = quantize_linear(layer, device=device, **spec.layer_kwargs())
                     replace_module(model, owner_name, new)
                     del pending[owner_name], parts, layer, targets[owner_name]
+                    bar.update()
                     _release_freed_memory()  # else the heap keeps the freed full-precision layers
                 continue
             owner = model.get_submodule(owner_name) if owner_name else model
             _fill(owner, {attr: tensor}, dtype, device)
+    bar.close()
     if pending:
         raise ValueError(
             f"checkpoint has incomplete linear layers (weight without bias?): {sorted(pending)[:5]}"

@@ -1,0 +1,126 @@
+"""Serving many LoRA adapters in one batch: lightning-peft vs Hugging Face PEFT, CPU.
+
+A Llama-shaped model carries ``k`` LoRA adapters (r=16 on all seven projections); a batch of
+``k`` rows routes row *i* to adapter *i*: ours with ``adapter_per_row`` (each layer gathers
+every row's factors and computes all rows' updates in two batched products), PEFT with
+``model(..., adapter_names=[...])`` (one product per adapter over its sub-batch). Both
+models hold the same weights; the outputs are checked equal before timing.
+
+Printed: the median forward time of each side per ``k``, their ratio (goal at k = 8:
+ours / PEFT <= 0.8), and each side's cost of k = 8 against k = 1.
+
+Usage::
+
+    python benchmarks/multi_adapter.py                       # hidden 1024, 4 layers, seq 128
+    python benchmarks/multi_adapter.py --hidden 256 --layers 1 --seq 16 --repeats 3 --ks 1 2
+
+Like the other benchmarks, timings on a shared machine are noisy: each side's time is the
+median of ``--repeats`` rounds, the two sides alternating within a round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from _models import TARGETS, llama_config
+
+
+def build(kind: str, hidden: int, layers: int, r: int, k: int):
+    """The base with ``k`` adapters ``a0..a{k-1}`` of seeded random weights (the same on both sides)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(hidden, layers, 4096)).eval()
+    names = [f"a{i}" for i in range(k)]
+    if kind == "ours":
+        from lightning_peft.callbacks import LoRA
+
+        for name in names:
+            LoRA(r=r, alpha=2 * r, target_modules=TARGETS, adapter_name=name).apply(model)
+        pairs = lambda: [  # noqa: E731
+            (m.lora[n].lora_a, m.lora[n].lora_b) for m in model.modules() if hasattr(m, "lora") for n in names
+        ]
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS)
+        model = get_peft_model(model, config, adapter_name=names[0])
+        for name in names[1:]:
+            model.add_adapter(name, config)
+        pairs = lambda: [  # noqa: E731
+            (m.lora_A[n].weight, m.lora_B[n].weight)
+            for m in model.modules()
+            if hasattr(m, "lora_A")
+            for n in names
+        ]
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for a, b in pairs():
+            a.copy_(torch.randn(a.shape, generator=g) * 0.02)
+            b.copy_(torch.randn(b.shape, generator=g) * 0.02)
+    return model.eval(), names
+
+
+def forward(kind: str, model, names: list[str], ids: torch.Tensor) -> torch.Tensor:
+    if kind == "ours":
+        from lightning_peft import adapter_per_row
+
+        with adapter_per_row(model, names):
+            return model(input_ids=ids).logits
+    return model(input_ids=ids, adapter_names=names).logits
+
+
+def measure(hidden: int, layers: int, r: int, seq: int, k: int, repeats: int) -> dict[str, float]:
+    ids = torch.randint(0, 4096, (k, seq), generator=torch.Generator().manual_seed(2))
+    sides = {kind: build(kind, hidden, layers, r, k) for kind in ("ours", "peft")}
+    with torch.no_grad():
+        ours = forward("ours", *sides["ours"], ids)
+        theirs = forward("peft", *sides["peft"], ids)
+        gap = float((ours - theirs).abs().max())
+        if gap > 1e-3:
+            raise AssertionError(f"k={k}: outputs differ by {gap}")
+        times: dict[str, list[float]] = {"ours": [], "peft": []}
+        for round_ in range(repeats + 1):
+            for kind in ("ours", "peft") if round_ % 2 else ("peft", "ours"):
+                start = time.perf_counter()
+                forward(kind, *sides[kind], ids)
+                if round_:  # the first round warms up
+                    times[kind].append(time.perf_counter() - start)
+    return {kind: statistics.median(values) for kind, values in times.items()} | {"gap": gap}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"Llama hidden {args.hidden}, {args.layers} layers, LoRA r={args.r} on {len(TARGETS)} projections, "
+          f"one row of {args.seq} tokens per adapter, {torch.get_num_threads()} threads")  # fmt: skip
+    print(f"{'k':>3} | {'ours (ms)':>10} | {'PEFT (ms)':>10} | {'ours / PEFT':>11} | max |diff|")
+    results = {}
+    for k in args.ks:
+        results[k] = measure(args.hidden, args.layers, args.r, args.seq, k, args.repeats)
+        row = results[k]
+        print(f"{k:>3} | {1000 * row['ours']:>10.1f} | {1000 * row['peft']:>10.1f} | "
+              f"{row['ours'] / row['peft']:>11.3f} | {row['gap']:.1e}")  # fmt: skip
+    first, last = min(results), max(results)
+    if first != last:
+        for kind, label in (("ours", "ours"), ("peft", "PEFT")):
+            print(
+                f"cost of k={last} vs k={first}, {label}: {results[last][kind] / results[first][kind]:.2f}x"
+            )
+    print(f"ratio at k={last} (goal <= 0.80): {results[last]['ours'] / results[last]['peft']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
