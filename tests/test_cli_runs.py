@@ -182,7 +182,7 @@ def test_an_export_that_cannot_be_made_is_one_line(tmp_path):
         "import torch, lightning as L\n"
         "from lightning_peft import SequenceClassifier\n"
         "from lightning_peft.callbacks import Adapter\n"
-        "m = SequenceClassifier('embedded:all-MiniLM-L6-v2')\n"
+        "m = SequenceClassifier('embedded:all-MiniLM-L6-v2', pooling='cls')\n"
         "ids = torch.randint(1000, 2000, (2, 8))\n"
         "b = {'input_ids': ids, 'attention_mask': torch.ones_like(ids), 'labels': torch.tensor([0, 1])}\n"
         "t = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,\n"

@@ -173,7 +173,7 @@ def test_export_reports_a_checkpoint_it_cannot_load(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- labels and tokenizer
 def test_label_names_and_tokenizer_travel_with_the_module(minilm_path, tmp_path):
-    module = SequenceClassifier(minilm_path, label_names=["negative", "positive"])
+    module = SequenceClassifier(minilm_path, label_names=["negative", "positive"], pooling="cls")
     assert module.backbone.config.id2label == {0: "negative", 1: "positive"}
     assert len(module.tokenizer) > 30000  # by default the model's own
     export_merged(module, tmp_path / "m")

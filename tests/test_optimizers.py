@@ -8,6 +8,7 @@ factory passed from Python, and bitsandbytes' 8-bit and paged optimizers through
 
 from __future__ import annotations
 
+import re
 import warnings
 from functools import partial
 
@@ -104,7 +105,7 @@ def _recipe(tmp_path, extra: str = "", model: str | None = None):
     text = text.replace("data/", f"{RECIPES / 'minilm-sentiment' / 'data'}/")
     if model is not None:
         text = text.replace("class_path: lightning_peft.SequenceClassifier", f"class_path: {model}")
-        text = text.replace("    num_labels: 2\n    lr: 2.0e-3\n    warmup_steps: 10\n", "")
+        text = re.sub(r"\n    (num_labels|pooling|lr|warmup_steps|label_names): [^\n]*", "", text)
     path = tmp_path / "recipe.yaml"
     path.write_text(text + extra)
     return path

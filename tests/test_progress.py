@@ -8,6 +8,7 @@ written, transformers' own "Loading weights" / "Writing model shards" bars inclu
 from __future__ import annotations
 
 import io
+import re
 import sys
 
 import pytest
@@ -58,7 +59,7 @@ def test_forced_on_every_long_step_writes_its_bar_to_stderr(bert_folder, tmp_pat
     err = capsys.readouterr().err
     for desc in OURS:
         assert desc in err, f"no {desc!r} bar"
-    assert "100%" in err
+    assert re.search(r"\d+/\d+ \[", err), err[-500:]  # counts: "3/39 [" (the final state may be cleared)
 
 
 @pytest.mark.parametrize("quiet", ["not a terminal", "env 0", "context"])

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.heads import remove_copies, saved_module_target, saved_modules
+from ..core.heads import copy_modules, remove_copies, saved_module_target, saved_modules
 from ..core.layers import dense_weight, editable_weight, is_conv1d, layer_features
 from ..core.ownership import AdapterPart, LayerWrapper, declare_trainable, undeclare
 from ..core.sharded import full_tensor
@@ -329,8 +329,7 @@ class IA3Config(Method):
             layer.ia3[self.adapter_name] = vector
             if layer is not module:
                 replace_module(model, name, layer)
-        for _, module in saved:
-            declare_trainable(module, adapter=self.adapter_name)
+        copy_modules(model, [name for name, _ in saved], self.adapter_name)
 
     # -- merging ---------------------------------------------------------------------------
     def merge(self, model: nn.Module) -> None:
