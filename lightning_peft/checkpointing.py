@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .core.layers import is_4bit
 from .methods.base import MethodError
 from .persistence.errors import DeltaError
 from .persistence.records import build_record, validate_record
@@ -106,9 +107,15 @@ def on_load_checkpoint(
         )
     except MethodError as err:
         raise DeltaError(f"{where}: {err}") from err
+    live = pl_module.state_dict(keep_vars=True)
+    # A 4-bit layer writes its quantization state next to its weight ("weight.absmax", ...)
+    # but takes back only the weight: leave those out, or a base streamed into 4-bit before
+    # the restore (FourBitPrecision with a model path) would fail Lightning's strict load.
+    quant = tuple(f"{name}.weight." for name, module in pl_module.named_modules() if is_4bit(module))
     checkpoint["state_dict"] = {
         name: tensor.detach() if isinstance(tensor, torch.Tensor) else tensor
-        for name, tensor in pl_module.state_dict(keep_vars=True).items()
+        for name, tensor in live.items()
+        if not (quant and name.startswith(quant))
     }
     checkpoint[_RESTORED] = True
 

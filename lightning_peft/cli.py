@@ -57,6 +57,7 @@ from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
+from lightning_peft.backbone import quiet_load_report
 from lightning_peft.cli_export import export_main
 from lightning_peft.cli_output import (
     RunConfig,
@@ -71,7 +72,6 @@ from lightning_peft.compare import compare_main
 from lightning_peft.data import InstructionData, TextClassificationData
 from lightning_peft.hub import EMBEDDED_PREFIX, find_recipe, resolve_model_path
 from lightning_peft.methods.base import trainable_named_parameters
-from lightning_peft.modules import quiet_load_report
 
 __all__ = [
     "InstructionData",

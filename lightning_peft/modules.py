@@ -1,104 +1,48 @@
 """LightningModules around a frozen Hugging Face backbone: ``CausalLM`` and ``SequenceClassifier``.
 
-The backbone is frozen at construction; a method callback (LoRA, adapters, partial, ...)
-decides what trains. The optimizer receives exactly the declared-trainable parameters,
-whichever optimizer is chosen: the default AdamW, an ``optimizer``/``lr_scheduler`` given to
-the module (from Python, a recipe, or LightningCLI's ``--optimizer``/``--lr_scheduler``
-flags, which ``lightning-peft`` routes here), a ``bitsandbytes`` 8-bit or paged optimizer
+The backbone is frozen; a method callback (LoRA, adapters, partial, ...) decides what
+trains. The optimizer receives exactly the declared-trainable parameters, whichever
+optimizer is chosen: the default AdamW, an ``optimizer``/``lr_scheduler`` given to the
+module (from Python, a recipe, or LightningCLI's ``--optimizer``/``--lr_scheduler`` flags,
+which ``lightning-peft`` routes here), a ``bitsandbytes`` 8-bit or paged optimizer
 included. Building the optimizer in ``configure_optimizers`` means it is built after the
 method callback injected its modules, never from the bare backbone.
+
+Given a folder or hub id, a module loads its backbone when it is first needed, not at
+construction: inside a ``Trainer`` run that is while the run is set up, and with
+:class:`~lightning_peft.plugins.FourBitPrecision` in the Trainer the weights are streamed
+straight into 4-bit (the full-precision model is never held). Outside a run (or without
+the plugin) the first use of the module loads it as ``from_pretrained`` does, so
+``CausalLM(path).backbone``, ``.parameters()``, ``.state_dict()`` or ``print(...)`` work
+as if it had been loaded at construction. A module passed in is used as it is.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torchmetrics
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from . import checkpointing, optimizers
 from .adapters import adapter_per_row
+from .backbone import DeferredBackbone, load_pretrained, quiet_load_report, random_from_config
 from .core.ownership import declare_trainable
 from .core.pooling import check_pooling, use_pooling
 from .core.targeting import head_module_names
 from .data import load_tokenizer
-from .hub import MODEL_FILES, local_folder, pooling_convention, resolve_model_path
-from .methods.base import sync_requires_grad, trainable_named_parameters
+from .hub import pooling_convention
+from .methods.base import Method, sync_requires_grad, trainable_named_parameters
 from .optimizers import LRSchedulerCallable, OptimizerCallable, Schedule
-from .progress import library_bars
 from .strategies import prepare_strategy, shard_backbone
 
 Pooling = Literal["cls", "mean", "last"]
 POOLING_KEY = "lightning_peft_pooling"
 """Checkpoint entry recording what a ``SequenceClassifier``'s head was trained on (hyperparameters can be overridden)."""
-_LOAD_REPORT_LOGGER = "transformers.modeling_utils"
-
-
-class _DropLoadReport(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "LOAD REPORT" not in str(record.msg)
-
-
-@contextmanager
-def quiet_load_report() -> Iterator[None]:
-    """Hide transformers' load report ("classifier.weight MISSING ... Consider training") inside the block.
-
-    For loads whose missing tensors a checkpoint restores right after (``load_from_checkpoint``,
-    ``lightning-peft validate --ckpt_path ...``): the new head the report lists is the
-    trained one a moment later, and a base that differs from the trained one is caught by
-    the checkpoint's fingerprint check instead.
-    """
-    drop = _DropLoadReport()
-    logger = logging.getLogger(_LOAD_REPORT_LOGGER)
-    logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop)
-
-
-def load_pretrained(model: str | os.PathLike | nn.Module, auto_class: Any, **kwargs: Any) -> nn.Module:
-    """Load ``model`` with ``auto_class.from_pretrained`` unless it already is an ``nn.Module``."""
-    if isinstance(model, nn.Module):
-        return model
-    with library_bars():  # transformers' and the hub's bars only when ours are on
-        source = local_folder(model, what="model", allow_patterns=MODEL_FILES)  # a hub id: cached or fetched
-    try:
-        with library_bars():
-            # from_pretrained returns a model in eval mode; fine-tuning wants train mode
-            # (dropout on) like any freshly built nn.Module. Validation switches to eval itself.
-            loaded = auto_class.from_pretrained(source, **kwargs).train()
-    except OSError as err:
-        reason = " ".join(str(err).split())
-        raise OSError(f"could not load the model in {source!r}: {reason}") from err
-    reference = os.fspath(model)
-    if source != resolve_model_path(reference):  # a hub id: named by it, as from_pretrained(hub id) does
-        loaded.config.name_or_path = loaded.name_or_path = reference
-    return loaded
-
-
-def random_from_config(model: str | os.PathLike, auto_class: Any, seed: int = 0, **kwargs: Any) -> nn.Module:
-    """Build ``model``'s architecture from its ``config.json`` with freshly initialized weights.
-
-    For folders that hold only a config (and a tokenizer). The initialization is seeded by
-    ``seed`` without touching the global RNG, so the same folder always gives the same base
-    weights (delta-only checkpoints of it can be reloaded).
-    """
-    if isinstance(model, nn.Module):
-        raise ValueError(
-            "init='random' needs a model folder or hub id (a config to build from), not a module"
-        )
-    config = AutoConfig.from_pretrained(local_folder(model, what="model", allow_patterns=["*.json"]))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return auto_class.from_config(config, **kwargs)
 
 
 def _not_hyperparameters(model: Any) -> list[str]:
@@ -131,8 +75,8 @@ def label_config(label_names: list[str] | None, num_labels: int) -> dict[str, di
     return {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
 
 
-class _FrozenBackboneModule(L.LightningModule):
-    """Shared optimizer, schedule and freezing logic of the task modules."""
+class _FrozenBackboneModule(DeferredBackbone, L.LightningModule):
+    """Shared optimizer, schedule, freezing and backbone-loading logic of the task modules."""
 
     backbone: nn.Module
 
@@ -161,6 +105,7 @@ class _FrozenBackboneModule(L.LightningModule):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"schedule must be 'cosine', 'linear' or 'constant', got {schedule!r}")
+        self._gradient_checkpointing = bool(gradient_checkpointing)
 
     def _finish_backbone(self, gradient_checkpointing: bool) -> None:
         if gradient_checkpointing:
@@ -171,6 +116,10 @@ class _FrozenBackboneModule(L.LightningModule):
             # gradients flowing to adapters inside the blocks.
             self.backbone.enable_input_require_grads()
         sync_requires_grad(self)
+
+    def _setup_backbone(self) -> None:
+        """What each task does once its backbone exists (declare heads, gradient checkpointing)."""
+        self._finish_backbone(self._gradient_checkpointing)
 
     def forward(self, **batch: Any) -> Any:
         """Run the backbone on a tokenizer-style batch (plus ``labels``); returns its output.
@@ -185,17 +134,24 @@ class _FrozenBackboneModule(L.LightningModule):
             return self.backbone(**batch)
 
     def configure_model(self) -> None:
-        """Shard the backbone with FSDP2 when ``ModelParallelStrategy`` provides a device mesh.
+        """Load a deferred backbone; shard it with FSDP2 when ``ModelParallelStrategy`` provides a device mesh.
 
-        Lightning calls this after the method callback applied its method, so each
-        transformer block is sharded with the method's modules inside it (see
-        :func:`lightning_peft.strategies.shard_backbone`). Without a mesh (one device, DDP)
-        it does nothing; on a sharded backbone it does nothing, so calling it again is safe.
+        A backbone given as a folder or hub id is loaded here unless something used it
+        before (see :meth:`build_backbone`: under ``FourBitPrecision`` it is streamed into
+        4-bit on each rank). With a mesh, the Trainer's method callbacks are applied (if
+        they were not yet) and each transformer block is sharded with the method's modules
+        inside it (see :func:`lightning_peft.strategies.shard_backbone`). Without a mesh
+        (one device, DDP) nothing else happens; on a sharded backbone nothing happens, so
+        calling it again is safe.
         """
+        self.build_backbone()
         if self.device_mesh is None:
             return
         if self._trainer is not None:
             prepare_strategy(self._trainer, self)
+            for callback in self._trainer.callbacks:
+                if isinstance(callback, Method):  # a method must be in place before sharding
+                    callback.apply(self)
         shard_backbone(self, self.device_mesh)
 
     @classmethod
@@ -335,26 +291,33 @@ class SequenceClassifier(_FrozenBackboneModule):
         kwargs: dict[str, Any] = {"num_labels": num_labels, **labels}
         if torch_dtype is not None:
             kwargs["dtype"] = getattr(torch, torch_dtype)
-        self.backbone = load_pretrained(model, AutoModelForSequenceClassification, **kwargs)
-        if labels and isinstance(model, nn.Module) and hasattr(self.backbone, "config"):
-            self.backbone.config.update(labels)
+        self.num_labels = num_labels
+        if isinstance(model, nn.Module):
+            self.backbone = load_pretrained(model, AutoModelForSequenceClassification, **kwargs)
+            if labels and hasattr(self.backbone, "config"):
+                self.backbone.config.update(labels)
+        else:  # loaded on first use (streamed into 4-bit under FourBitPrecision): see build_backbone
+            self._defer_backbone(model, AutoModelForSequenceClassification, **kwargs)
         source = model if isinstance(model, str | os.PathLike) else self.backbone.config.name_or_path
         self.pooling: str = pooling or pooling_convention(source)
         self.hparams["pooling"] = self.pooling  # the resolved choice, so checkpoints rebuild the same head
-        use_pooling(self.backbone, self.pooling)  # before methods apply: an unused pooler is removed
-        self.num_labels = num_labels
-        heads = [h for h in head_module_names(self) if h.rsplit(".", 1)[-1] in ("classifier", "score")]
-        if not heads:
-            raise ValueError(f"{type(self.backbone).__name__} has no 'classifier' or 'score' head")
-        for name in heads:
-            declare_trainable(self.get_submodule(name))
-        self._finish_backbone(gradient_checkpointing)
+        if isinstance(model, nn.Module):
+            self._setup_backbone()
         task = "binary" if num_labels == 2 else "multiclass"
         metric_kw: dict[str, Any] = (
             {"task": task} if task == "binary" else {"task": task, "num_classes": num_labels}
         )
         self.val_acc = torchmetrics.Accuracy(**metric_kw)
         self.val_f1 = torchmetrics.F1Score(**metric_kw, **({} if task == "binary" else {"average": "macro"}))
+
+    def _setup_backbone(self) -> None:
+        use_pooling(self.backbone, self.pooling)  # before methods apply: an unused pooler is removed
+        heads = [h for h in head_module_names(self) if h.rsplit(".", 1)[-1] in ("classifier", "score")]
+        if not heads:
+            raise ValueError(f"{type(self.backbone).__name__} has no 'classifier' or 'score' head")
+        for name in heads:
+            declare_trainable(self.get_submodule(name))
+        super()._setup_backbone()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the trained tensors (see the base class) and record the pooling the head was trained on."""
@@ -462,9 +425,12 @@ class CausalLM(_FrozenBackboneModule):
             kwargs["dtype"] = getattr(torch, torch_dtype)
         if init == "random":
             self.backbone = random_from_config(model, AutoModelForCausalLM, **kwargs)
-        else:
+            self._setup_backbone()
+        elif isinstance(model, nn.Module):
             self.backbone = load_pretrained(model, AutoModelForCausalLM, **kwargs)
-        self._finish_backbone(gradient_checkpointing)
+            self._setup_backbone()
+        else:  # loaded on first use (streamed into 4-bit under FourBitPrecision): see build_backbone
+            self._defer_backbone(model, AutoModelForCausalLM, **kwargs)
         self.eval_loss_mean = torchmetrics.MeanMetric()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

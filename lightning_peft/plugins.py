@@ -17,6 +17,7 @@ in full precision.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,6 +37,7 @@ from torch import nn
 from .core.layers import is_4bit
 from .methods.base import trainable_named_parameters
 from .quantization.convert import quantizable_modules, quantize_model
+from .quantization.heap import return_large_blocks_to_os
 from .quantization.spec import QuantSpec
 from .quantization.streaming import load_quantized, quantize_on_init
 
@@ -76,6 +78,11 @@ class FourBitPrecision(Precision):
         blocksize: Weights per quantization block (64 by default, as in QLoRA).
         quantize_heads: Quantize output heads too (off by default: they are small and
             sensitive).
+        return_freed_memory: On CPU runs, serve host allocations of 128 KiB or more with
+            their own mappings (glibc), so the memory each step frees leaves the resident
+            set at once instead of piling up in the heap (see
+            :func:`lightning_peft.quantization.return_large_blocks_to_os`; process-wide,
+            measured in ``benchmarks/qlora.py``). Nothing changes on CUDA runs or outside glibc.
 
     Raises:
         ValueError: For an unknown ``quant_type``, a non-float ``compute_dtype``, a
@@ -92,6 +99,7 @@ class FourBitPrecision(Precision):
         *,
         blocksize: int = 64,
         quantize_heads: bool = False,
+        return_freed_memory: bool = True,
     ) -> None:
         self.spec = QuantSpec(
             quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype, blocksize=blocksize
@@ -104,8 +112,11 @@ class FourBitPrecision(Precision):
             raise ValueError(f"skip_modules must be module names such as 'lm_head' or 'down_proj'; got {bad}")
         if not isinstance(quantize_heads, bool):
             raise ValueError(f"quantize_heads must be True or False, got {quantize_heads!r}")
+        if not isinstance(return_freed_memory, bool):
+            raise ValueError(f"return_freed_memory must be True or False, got {return_freed_memory!r}")
         self.skip_modules = skip
         self.quantize_heads = quantize_heads
+        self.return_freed_memory = return_freed_memory
         self.quantized_modules: list[str] = []
         self._device_type = "cpu"
 
@@ -145,6 +156,8 @@ class FourBitPrecision(Precision):
         if device is not None and device.type == "meta":
             device = None
         self._device_type = device.type if device is not None else "cpu"
+        if trainer is not None:  # a run, not a call by hand
+            self._tend_host_memory()
         self.quantized_modules += quantize_model(
             module,
             self.spec,
@@ -172,6 +185,11 @@ class FourBitPrecision(Precision):
             return self.convert_module(module)
         finally:
             self._sharding_next = False
+
+    def _tend_host_memory(self) -> None:
+        """Apply ``return_freed_memory`` for a run on the CPU."""
+        if self.return_freed_memory and self._device_type == "cpu":
+            return_large_blocks_to_os()
 
     @contextlib.contextmanager
     def _building(self) -> Any:
@@ -201,6 +219,61 @@ class FourBitPrecision(Precision):
             skip_heads=not self.quantize_heads,
             **kwargs,
         )
+
+    def load_backbone(
+        self,
+        source: str | os.PathLike,
+        auto_class: Any = None,
+        trainer: Any = None,
+        *,
+        dtype: torch.dtype | str | None = "auto",
+        prefix: str = "",
+        only: Iterable[str] | None = None,
+        **config_kwargs: Any,
+    ) -> nn.Module:
+        """Stream a checkpoint straight into a 4-bit model for ``trainer``'s run.
+
+        What ``CausalLM(path)`` and ``SequenceClassifier(path)`` call when they load their
+        backbone inside a run that uses this plugin: the strategy is checked first (before
+        anything is read), then :func:`~lightning_peft.quantization.load_quantized` reads
+        the safetensors one tensor at a time, quantizing each frozen linear layer on the
+        run's device as it arrives. Every process of a DDP or FSDP2 run does the same (FSDP2
+        shards the 4-bit model afterwards). The full-precision model is never held.
+
+        Args:
+            source: A folder, hub id or ``embedded:`` name.
+            auto_class: The transformers auto class (default ``AutoModelForCausalLM``).
+            trainer: The run (for its strategy and device); ``None``: the CPU.
+            dtype: dtype of the layers that stay in full precision (embeddings, norms,
+                heads) and of the weights before quantization; ``"auto"`` (default) takes the
+                config's ``dtype``, else the checkpoint's, as ``from_pretrained`` does.
+            prefix: Prepended to the recorded names in :attr:`quantized_modules`.
+            only: Quantize only these layers (names in the loaded model), for example
+                leaving out those a method will train; default: every layer the rules select.
+            **config_kwargs: Config overrides (``num_labels=2``).
+
+        Raises:
+            RuntimeError: If the Trainer's strategy cannot hold 4-bit parameters.
+        """
+        device = torch.device("cpu")
+        if trainer is not None:
+            check_strategy(trainer.strategy, [])  # 4-bit from the start: FSDP2 shards it afterwards
+            device = trainer.strategy.root_device
+            self._device_type = device.type
+            self._tend_host_memory()
+        model = load_quantized(
+            source,
+            auto_class,
+            spec=self.spec,
+            dtype=dtype,
+            skip_modules=self.skip_modules,
+            skip_heads=not self.quantize_heads,
+            device=device,
+            only=only,
+            **config_kwargs,
+        )
+        self.quantized_modules += [prefix + n for n, m in model.named_modules() if is_4bit(m)]
+        return model
 
     # -- the steps ----------------------------------------------------------------------
     def forward_context(self) -> contextlib.AbstractContextManager:

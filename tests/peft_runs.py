@@ -107,6 +107,19 @@ def build(name: str, method_seed: int = 1, **module_kw):
     return module, callback
 
 
+def build_from_folder(folder, name: str, **module_kw):
+    """``(module, callback)``: a classifier that loads ``folder`` itself, method ``name`` not yet applied.
+
+    The callback applies the method when the run is set up (seed the run first).
+    """
+    from lightning_peft import SequenceClassifier
+    from lightning_peft import callbacks as c
+
+    module = SequenceClassifier(str(folder), num_labels=2, lr=1e-2, schedule="constant", **module_kw)
+    callback_name, options = METHODS[name]
+    return module, getattr(c, callback_name)(**options)
+
+
 def build_two(method_seed: int = 1):
     """``(module, callback)``: a classifier carrying a trained-looking LoRA ``first``, and a callback adding ``second``."""
     from lightning_peft import SequenceClassifier

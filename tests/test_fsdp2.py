@@ -71,6 +71,33 @@ t.save_checkpoint("qlora.ckpt")
 layers = [m for m in module.modules() if is_4bit(m)]
 out["qlora_layers"] = torch.tensor(len(layers))
 out["qlora_sharded"] = torch.tensor(all(hasattr(m.weight, "device_mesh") for m in layers))
+
+# QLoRA from a folder (the documented path): each rank streams the checkpoint into 4-bit,
+# the method is applied, then each block is sharded. from_pretrained (the full-precision
+# model) is never called on either rank.
+import transformers
+
+
+def refuse(*args, **kwargs):
+    raise AssertionError("a rank loaded the full-precision model")
+
+
+transformers.AutoModelForSequenceClassification.from_pretrained = refuse
+import os
+
+# The same LoRA initialization on both ranks (applied while the run is set up). A seed left by
+# seed_everything in this environment would be re-applied by the strategy's setup: none here.
+os.environ.pop("PL_GLOBAL_SEED", None)
+torch.manual_seed(1)
+module, callback = p.build_from_folder("base", "lora")
+t = p.trainer(p.STEPS, strategy=fsdp2(), devices=2, callbacks=[callback], plugins=[p.four_bit()])
+t.fit(module, datamodule=p.loader(p.GLOBAL_BATCH // 2))
+out.update({f"qlora_path/{k}": v for k, v in p.trained(module).items()})
+codes = [m.weight for m in module.modules() if is_4bit(m)]
+out["qlora_path_layers"] = torch.tensor(len(codes))
+out["qlora_path_local_fraction"] = torch.tensor(sum(w.to_local().numel() for w in codes) / sum(w.numel() for w in codes))
+names = t.precision_plugin.quantized_modules
+out["qlora_path_streamed"] = torch.tensor(bool(names) and all("base_layer" not in n for n in names))
 torch.save(out, f"rank{t.global_rank}.pt")
 """
 
@@ -78,6 +105,7 @@ torch.save(out, f"rank{t.global_rank}.pt")
 @pytest.fixture(scope="module")
 def fsdp2(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp2")
+    peft_runs.classifier().save_pretrained(tmp / "base")  # the folder the documented-path run loads
     ranks = run_script(FSDP2_SCRIPT, tmp)
     assert len(ranks) == 2
     return ranks, tmp
@@ -175,6 +203,26 @@ def test_qlora_trains_under_fsdp2_like_one_process(fsdp2):
     assert_close(section(r0, "qlora"), want, "QLoRA")
     start = peft_runs.initial("lora")
     assert all(not torch.equal(want[k], start[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_qlora_from_a_folder_streams_on_each_rank_keeps_its_shard_and_trains_like_one_process(
+    fsdp2, monkeypatch
+):
+    (r0, r1), tmp = fsdp2
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # as in the script (a recipe test may leave one)
+    assert bool(r0["qlora_path_streamed"]) and bool(r1["qlora_path_streamed"]), "quantized while loading"
+    assert int(r0["qlora_path_layers"]) == int(r0["qlora_layers"]) > 0
+    halves = float(r0["qlora_path_local_fraction"]), float(r1["qlora_path_local_fraction"])
+    assert sum(halves) == pytest.approx(1.0) and all(0.4 < h < 0.6 for h in halves), halves
+    torch.manual_seed(1)
+    module, callback = peft_runs.build_from_folder(tmp / "base", "lora")
+    trainer = peft_runs.trainer(callbacks=[callback], plugins=[peft_runs.four_bit()])
+    trainer.fit(module, datamodule=peft_runs.loader(peft_runs.GLOBAL_BATCH))
+    want = peft_runs.trained(module)
+    assert_close(section(r0, "qlora_path"), want, "QLoRA from a folder")
+    # the same 4-bit base as quantizing the loaded model: the single-process QLoRA reference
+    assert_close(want, peft_runs.reference("lora", qlora=True), "streamed vs preloaded QLoRA", atol=1e-4)
 
 
 @pytest.mark.slow

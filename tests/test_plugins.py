@@ -15,7 +15,7 @@ from torch import nn
 import lightning_peft
 from lightning_peft import CausalLM
 from lightning_peft.callbacks import LoRA
-from lightning_peft.methods.base import trainable_named_parameters
+from lightning_peft.methods.base import registry, trainable_named_parameters
 from lightning_peft.methods.lora import lora_layers
 from lightning_peft.plugins import FourBitPrecision, check_strategy
 from lightning_peft.quantization import (
@@ -245,6 +245,99 @@ def test_load_through_the_plugin_then_train(tmp_path):
     assert {p.dtype for _, p in trainable_named_parameters(module)} == {torch.float32}
 
 
+# --------------------------------------------------------------------------- the documented path streams
+def test_documented_path_streams_into_four_bit_without_from_pretrained(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama(hidden=64).save_pretrained(tmp_path)
+    module = CausalLM(str(tmp_path), lr=1e-2)
+    assert module.backbone_pending  # nothing loaded at construction
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("from_pretrained would load the full-precision model")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    plugin = FourBitPrecision()
+    _trainer(2, [LoRA(r=4)], plugin).fit(module, _loader(2))
+    wrapped = [m for _, m in lora_layers(module.backbone)]
+    assert len(wrapped) == 14 and all(is_4bit(m.base_layer) for m in wrapped)
+    # quantized while loading, before LoRA wrapped the layers
+    assert len(plugin.quantized_modules) == 14
+    assert all(
+        n.startswith("backbone.model.layers.") and "base_layer" not in n for n in plugin.quantized_modules
+    )
+    assert type(module.backbone.lm_head) is nn.Linear
+    assert {p.dtype for _, p in trainable_named_parameters(module)} == {torch.float32}
+
+
+def test_streamed_and_preloaded_bases_quantize_bit_identically_and_train_alike(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama(hidden=64).save_pretrained(tmp_path)
+    states = []
+    for model in (str(tmp_path), AutoModelForCausalLM.from_pretrained(tmp_path).train()):
+        torch.manual_seed(0)
+        module = CausalLM(model, lr=1e-2)
+        _trainer(2, [LoRA(r=4)], FourBitPrecision()).fit(module, _loader(2))
+        states.append(module.state_dict())
+    streamed, preloaded = states
+    assert streamed.keys() == preloaded.keys()
+    assert any("absmax" in k for k in streamed)  # the 4-bit codes and scales are compared too
+    for name, tensor in streamed.items():
+        assert torch.equal(tensor, preloaded[name]), name
+
+
+@pytest.mark.parametrize("name", sorted(registry()))
+def test_streaming_leaves_what_each_method_trains_in_full_precision(tmp_path, name):
+    """Streaming quantizes before any method is applied, yet the same layers as after it."""
+    from transformers import AutoModelForCausalLM
+
+    cls = registry()[name]
+    tiny_llama(hidden=64).save_pretrained(tmp_path)
+    runs = []
+    for model in (str(tmp_path), AutoModelForCausalLM.from_pretrained(tmp_path).train()):
+        torch.manual_seed(0)
+        module = CausalLM(model, lr=1e-2)
+        callback = getattr(lightning_peft.callbacks, cls.callback_name)(**dict(cls.example))
+        _trainer(1, [callback], FourBitPrecision()).fit(module, _loader(1))
+        trained = dict(trainable_named_parameters(module))
+        assert all(p.is_floating_point() and p.dtype == torch.float32 for p in trained.values())
+        runs.append(({n for n, m in module.named_modules() if is_4bit(m)}, trained))
+    (streamed, trained_s), (preloaded, trained_p) = runs
+    assert streamed == preloaded and trained_s.keys() == trained_p.keys()
+    if name != "prefix":  # prefixes start from the activations of the base they meet: 4-bit when streamed
+        assert all(torch.equal(trained_s[n], trained_p[n]) for n in trained_s), name
+
+
+def test_documented_path_checkpoint_resumes_and_loads_without_a_trainer(tmp_path):
+    folder = tmp_path / "base"
+    tiny_llama(hidden=64).save_pretrained(folder)
+    module = CausalLM(str(folder), lr=1e-2)
+    trainer = _trainer(2, [LoRA(r=4)], FourBitPrecision())
+    trainer.fit(module, _loader(2))
+    trainer.save_checkpoint(tmp_path / "q.ckpt")
+    trained = _lora_snapshot(module)
+    resumed = CausalLM(str(folder), lr=1e-2)
+    again = _trainer(3, [LoRA(r=4)], FourBitPrecision())
+    again.fit(resumed, _loader(2), ckpt_path=tmp_path / "q.ckpt")  # fingerprint of the same 4-bit base
+    assert again.global_step == 3 and sum(is_4bit(m) for m in resumed.modules()) == 14
+    # No Trainer, no plugin: the full-precision base from the recorded path, the deltas on top.
+    loaded = CausalLM.load_from_checkpoint(tmp_path / "q.ckpt")
+    assert not any(is_4bit(m) for m in loaded.modules())
+    assert {n: p for n, p in _lora_snapshot(loaded).items()}.keys() == trained.keys()
+    assert all(torch.equal(p, trained[n]) for n, p in _lora_snapshot(loaded).items())
+
+
+def test_documented_path_without_safetensors_falls_back_with_a_warning(tmp_path):
+    model = tiny_llama(hidden=64)
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    module = CausalLM(str(tmp_path), lr=1e-2)
+    with pytest.warns(UserWarning, match="safetensors.*full precision instead"):
+        _trainer(1, [LoRA(r=4)], FourBitPrecision()).fit(module, _loader(1))
+    assert sum(is_4bit(m) for m in module.modules()) == 14  # quantized by convert_module instead
+
+
 # --------------------------------------------------------------------------- merge and export
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 def test_export_merged_over_four_bit_base_loads_in_bare_transformers(tmp_path, factory):
@@ -374,7 +467,7 @@ import torch
 from conftest import tiny_llama
 from lightning_peft import CausalLM
 from lightning_peft.callbacks import LoRA
-from lightning_peft.methods.base import trainable_named_parameters
+from lightning_peft.methods.base import registry, trainable_named_parameters
 from lightning_peft.methods.lora import lora_layers
 from lightning_peft.plugins import FourBitPrecision
 from lightning_peft.core.layers import is_4bit
@@ -417,6 +510,10 @@ def test_qlora_recipe_runs_two_steps_with_the_plugin(minilm_path, tmp_path, monk
     )
     assert cli.trainer.global_step == 2
     module = cli.model
+    # streamed into 4-bit while the run was set up (before LoRA wrapped the layers)
+    assert plugin.quantized_modules and all(
+        n.startswith("backbone.") and "base_layer" not in n for n in plugin.quantized_modules
+    )
     wrapped = [m for _, m in lora_layers(module)]
     assert wrapped and all(is_4bit(m.base_layer) for m in wrapped)
     assert not is_4bit(module.backbone.classifier)

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import pytest
@@ -318,6 +324,16 @@ def test_load_quantized_needs_safetensors(tmp_path):
         load_quantized(tmp_path)
 
 
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_load_quantized_auto_dtype_keeps_the_checkpoints(tmp_path, stored):
+    tiny_llama().to(stored).save_pretrained(tmp_path)
+    model = load_quantized(tmp_path, dtype="auto")
+    assert model.model.embed_tokens.weight.dtype == stored and model.lm_head.weight.dtype == stored
+    assert load_quantized(tmp_path, dtype="float16").lm_head.weight.dtype == torch.float16
+    with pytest.raises(ValueError, match="floating"):
+        load_quantized(tmp_path, dtype="int8")
+
+
 # --------------------------------------------------------------------------- merge cost
 def test_requantization_error_reports_both_costs():
     from lightning_peft.callbacks import LoRA
@@ -335,3 +351,42 @@ def test_requantization_error_reports_both_costs():
     assert report["max_abs_requantized"] > report["max_abs_merged"]
     with pytest.raises(ValueError, match="nothing would be re-quantized"):
         requantization_error(tiny_llama().requires_grad_(False), {"input_ids": ids()})
+
+
+HEAP_SCRIPT = """
+import sys, torch
+from lightning_peft.quantization import return_large_blocks_to_os
+
+
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+if sys.argv[1] == "1":
+    assert return_large_blocks_to_os()
+big = torch.ones(8 * 2**20 // 4)
+del big  # glibc raises its mmap threshold after this free
+before = rss()
+blocks = [torch.ones(2**20 // 4) for _ in range(200)]  # 200 x 1 MiB
+pin = torch.ones(2**20 // 4)  # allocated last: the heap cannot shrink below it
+del blocks
+print(round(rss() - before))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt on Linux")
+def test_return_large_blocks_to_os_gives_freed_tensors_back(tmp_path):
+    """Without it, 200 MiB of freed 1 MiB tensors stay resident behind one live tensor; with it, they leave."""
+    script = tmp_path / "heap.py"
+    script.write_text(HEAP_SCRIPT)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    kept = {}
+    for setting in ("0", "1"):
+        out = subprocess.run(
+            [sys.executable, str(script), setting], capture_output=True, text=True, env=env, timeout=300
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        kept[setting] = int(out.stdout.split()[-1])
+    assert kept["0"] > 150 and kept["1"] < 20, kept

@@ -45,11 +45,15 @@ def check_names(value: Any, what: str, allow_all_linear: bool) -> str | list[str
 
 
 def _param_dtype(layer: nn.Module) -> torch.dtype:
-    """The adapter parameters' dtype: the layer's, or its compute dtype if it is quantized (fp32 at least)."""
+    """The adapter parameters' dtype: the layer's, or fp32 if it is quantized.
+
+    Over a 4-bit base the adapters train in fp32 (QLoRA), so they are initialized in fp32:
+    the same values whether the method meets the base before or after quantization.
+    """
     weight = layer.weight
     if weight.dtype.is_floating_point and getattr(weight, "quant_state", None) is None:
         return weight.dtype
-    return getattr(layer, "compute_dtype", None) or torch.float32
+    return torch.float32
 
 
 class LoRAWeights(AdapterPart):

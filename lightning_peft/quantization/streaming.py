@@ -14,8 +14,6 @@ Two ways to never hold a whole model in full precision, for
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import json
 import os
 import struct
@@ -38,10 +36,17 @@ from ..hub import MODEL_FILES, local_folder
 from ..methods.base import is_applying
 from ..progress import library_bars, progress_bar
 from .convert import quantizable_modules
+from .heap import release_freed_memory
 from .kernels import quantize_linear
 from .spec import QuantSpec
 
-__all__ = ["iter_safetensors", "load_quantized", "quantize_on_init", "safetensors_files"]
+__all__ = [
+    "NoSafetensorsError",
+    "iter_safetensors",
+    "load_quantized",
+    "quantize_on_init",
+    "safetensors_files",
+]
 
 # --------------------------------------------------------------------------- quantize while building
 _ON_INIT_DEPTH = [0]
@@ -135,11 +140,15 @@ def iter_safetensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tenso
             if info["dtype"] not in _ST_DTYPES:
                 raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
             start, end = info["data_offsets"]
-            raw = torch.empty(end - start, dtype=torch.uint8)
+            raw = torch.empty(end - start, dtype=torch.uint8, device="cpu")  # whatever device context is on
             f.seek(8 + size + start)
             if end > start and f.readinto(memoryview(raw.numpy())) != end - start:
                 raise ValueError(f"{path}: truncated data for tensor {name}")
             yield name, raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+class NoSafetensorsError(FileNotFoundError):
+    """A model folder without safetensors weights (streaming loads read safetensors only)."""
 
 
 def safetensors_files(folder: str | os.PathLike) -> list[str]:
@@ -153,7 +162,7 @@ def safetensors_files(folder: str | os.PathLike) -> list[str]:
     single = os.path.join(folder, "model.safetensors")
     if os.path.isfile(single):
         return [single]
-    raise FileNotFoundError(
+    raise NoSafetensorsError(
         f"{folder} has no model.safetensors or model.safetensors.index.json; streaming 4-bit loading reads "
         "safetensors only (re-save with model.save_pretrained(dir), which writes safetensors by default)"
     )
@@ -181,14 +190,6 @@ def _no_init() -> contextlib.AbstractContextManager:
     return no_init_weights()
 
 
-@functools.cache
-def _malloc_trim() -> Any:
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
 def _release_freed_memory() -> None:
     """Give freed memory back to the OS.
 
@@ -196,9 +197,7 @@ def _release_freed_memory() -> None:
     from the heap, and freed heap pages stay resident: without this, a streaming load's
     resident memory creeps up by hundreds of MB (more on some runs than others).
     """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    release_freed_memory()
 
 
 def load_quantized(
@@ -207,10 +206,11 @@ def load_quantized(
     config: Any = None,
     *,
     spec: QuantSpec | None = None,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | str | None = torch.bfloat16,
     skip_modules: Iterable[str] | None = None,
     skip_heads: bool = True,
     device: torch.device | str = "cpu",
+    only: Iterable[str] | None = None,
     **config_kwargs: Any,
 ) -> nn.Module:
     """Load a local Hugging Face folder into a model whose linear layers are 4-bit, streaming.
@@ -229,10 +229,16 @@ def load_quantized(
             ``AutoModelForCausalLM``).
         config: A ``PretrainedConfig`` (default: read from ``source``).
         spec: Quantization settings (default NF4, double quantization, bf16 compute).
-        dtype: dtype of the tensors that stay in full precision (embeddings, norms, heads).
+        dtype: dtype of the tensors that stay in full precision (embeddings, norms, heads),
+            and of the weights before they are quantized. ``"auto"`` (or ``None``) takes the
+            config's ``dtype`` if it has one, else the checkpoint's first floating dtype, as
+            ``from_pretrained(..., dtype="auto")`` does.
         skip_modules: Module names or trailing components kept in full precision.
         skip_heads: Keep output heads in full precision.
         device: Where the model ends up (and where layers are quantized).
+        only: If given, quantize only the layers with these names (of those the rules
+            above select); the others load in ``dtype``. For layers a fine-tuning method
+            will train (see ``CausalLM``'s loading under ``FourBitPrecision``).
         **config_kwargs: Overrides for the config (e.g. ``num_labels=2``).
 
     Returns:
@@ -254,6 +260,7 @@ def load_quantized(
     else:
         for key, value in config_kwargs.items():
             setattr(config, key, value)
+    dtype = _resolve_dtype(dtype, config, files)
     device = torch.device(device)
     with _parameters_on_meta(), _no_init():
         model = auto_class.from_config(config) if hasattr(auto_class, "from_config") else auto_class(config)
@@ -261,6 +268,9 @@ def load_quantized(
     targets = {
         name: module for name, module in quantizable_modules(model, skip_modules, skip_heads=skip_heads)
     }
+    if only is not None:
+        keep = set(only)
+        targets = {name: module for name, module in targets.items() if name in keep}
     slots = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     slots |= {n for n, _ in model.named_buffers()}
     prefix = getattr(model, "base_model_prefix", "") or ""
@@ -298,6 +308,37 @@ def load_quantized(
     _finish_missing(model, dtype, device, unexpected)
     _release_freed_memory()
     return model.to(device).eval()
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, config: Any, files: list[str]) -> torch.dtype:
+    """``dtype``, or for ``"auto"``/``None`` the config's dtype, else the checkpoint's first float dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in (None, "auto"):
+        resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+        if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+            raise ValueError(f"dtype must be a floating torch dtype, its name, or 'auto'; got {dtype!r}")
+        return resolved
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared.removeprefix("torch."), None)
+    if isinstance(declared, torch.dtype) and declared.is_floating_point:
+        return declared
+    for path in files:
+        for info in _header(path).values():
+            stored = _ST_DTYPES.get(info["dtype"])
+            if stored is not None and stored.is_floating_point:
+                return stored
+    return torch.get_default_dtype()
+
+
+def _header(path: str | os.PathLike) -> dict[str, Any]:
+    """The tensor entries of a ``.safetensors`` header (name -> dtype, shape, offsets)."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header
 
 
 def _match_key(key: str, slots: set[str], prefix: str) -> str | None:
