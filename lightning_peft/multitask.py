@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import AutoModel, AutoTokenizer
 
+from . import checkpointing
 from .adapters import adapter_names, adapter_per_row
 from .core.ownership import declare_trainable
 from .data import read_rows, resolve_data_file
@@ -103,6 +104,10 @@ class MultiTaskClassifier(L.LightningModule):
         else:  # from_pretrained returns eval mode; fine-tuning wants dropout on
             self.backbone = AutoModel.from_pretrained(resolve_model_source(model)).train()
         self.backbone.requires_grad_(False)
+        if isinstance(getattr(self.backbone, "pooler", None), nn.Module):
+            # BERT-style pooler: both poolings read the last hidden states, so it would be an
+            # idle layer (adapted by "all-linear" methods, unused parameters under DDP)
+            self.backbone.pooler = None
         hidden = self.backbone.config.hidden_size
         self.tasks = dict(tasks)
         self.label_names = {t: list(v) for t, v in names.items()}
@@ -150,6 +155,18 @@ class MultiTaskClassifier(L.LightningModule):
             names = self.label_names.get(task)
             out.append((task, label, names[label] if names else None))
         return out
+
+    # -- checkpoints ------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only the adapters and heads, plus what rebuilds them (a delta checkpoint)."""
+        checkpointing.on_save_checkpoint(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Re-apply every recorded adapter, verify the base, refill the frozen tensors.
+
+        So ``MultiTaskClassifier.load_from_checkpoint(path)`` restores every task, no Trainer needed.
+        """
+        checkpointing.on_load_checkpoint(self, checkpoint)
 
     # -- steps ------------------------------------------------------------------------
     def on_fit_start(self) -> None:

@@ -100,3 +100,31 @@ def test_multitask_recipes_load_and_run_one_batch(tmp_path, monkeypatch):
     cli = fit_recipe("minilm-multitask/both.yaml", tmp_path, monkeypatch, "--trainer.fast_dev_run=1")
     assert lp.adapter_names(cli.model) == ["sentiment", "domain"]
     assert cli.trainer.callback_metrics["val_acc_domain"] >= 0
+
+
+def test_a_checkpoint_restores_every_task_without_a_trainer_and_all_linear_leaves_the_heads_alone(
+    data, tmp_path
+):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    vocab = data.tokenizer.vocab_size
+    module = _module(vocab)
+    assert module.backbone.pooler is None, "the pooler reads nothing either pooling uses"
+    callbacks = [LoRA(r=2, target_modules="all-linear", adapter_name=t) for t in ("sentiment", "domain")]
+    trainer = L.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, default_root_dir=tmp_path,
+                        callbacks=[*callbacks, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    keys = list(delta_state_dict(module))
+    assert any(".lora." in k for k in keys)
+    assert not [k for k in keys if k.startswith("heads.") and ".lora." in k], "a head that trains is not adapted"
+    stored = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["state_dict"]
+    assert not [k for k in stored if ".lora." not in k and not k.startswith("heads.")], "delta only"
+    loaded = MultiTaskClassifier.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", model=_encoder(vocab))
+    assert lp.adapter_names(loaded) == ["sentiment", "domain"]
+    module.eval(), loaded.eval()
+    batch = data.collate(data.split("val")["sentiment"][:4])
+    batch.pop("labels")
+    for task in ("sentiment", "domain"):
+        torch.testing.assert_close(loaded(task, **batch), module(task, **batch), rtol=0, atol=0)
+    assert loaded.classify(batch, ["domain", "sentiment"] * 2) == module.classify(batch, ["domain", "sentiment"] * 2)

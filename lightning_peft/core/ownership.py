@@ -52,6 +52,7 @@ __all__ = [
     "declare_state",
     "declare_trainable",
     "owned_tensors",
+    "trains_weight",
     "transfer_declarations",
     "undeclare",
     "unwrapped",
@@ -143,6 +144,18 @@ def declare_state(module: nn.Module, names: Iterable[str] | None = None, *, adap
 def declarations(module: nn.Module) -> dict[tuple[str, str], set[str]]:
     """The declarations made on ``module`` itself: ``{(adapter, role): names}`` (a copy)."""
     return {key: set(names) for key, names in getattr(module, _ATTR, {}).items()}
+
+
+def trains_weight(module: nn.Module) -> bool:
+    """Whether some owner declared ``module``'s own ``weight`` (or the whole module) trainable.
+
+    Such a layer trains as it is (a task head, a ``modules_to_save`` copy): methods that
+    adapt frozen layers (``target_modules="all-linear"``) leave it alone.
+    """
+    return any(
+        role == TRAIN and (EVERYTHING in names or "weight" in names)
+        for (_, role), names in getattr(module, _ATTR, {}).items()
+    )
 
 
 def transfer_declarations(source: nn.Module, target: nn.Module) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .layers import LINEAR_TYPES
-from .ownership import LayerWrapper, unwrapped
+from .ownership import LayerWrapper, trains_weight, unwrapped
 
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "pooler_head")
 """Attribute names of task heads on Hugging Face models."""
@@ -191,7 +191,8 @@ def select_modules(
 
     Args:
         model: The model to search.
-        targets: ``"all-linear"`` (every layer of ``types`` except the output head), a
+        targets: ``"all-linear"`` (every layer of ``types`` except the output head and layers
+            that already train whole, such as a module's own task heads), a
             regular expression fully matched against names relative to the Hugging Face
             model, or a list of names each matching a name or its trailing components
             (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``). Every list entry
@@ -223,7 +224,7 @@ def select_modules(
         seen_names.append(relative)
         layer = unwrapped(module)
         if targets == "all-linear":
-            hit = isinstance(layer, types) and name not in heads
+            hit = isinstance(layer, types) and name not in heads and not trains_weight(layer)
         else:
             hit = _hit(relative, targets)
         if hit and exclude is not None and _hit(relative, exclude):
