@@ -7,7 +7,9 @@ every row's factors and computes all rows' updates in two batched products), PEF
 models hold the same weights; the outputs are checked equal before timing.
 
 Printed: the median forward time of each side per ``k``, their ratio (goal at k = 8:
-ours / PEFT <= 0.8), and each side's cost of k = 8 against k = 1.
+ours / PEFT <= 0.8), the base model's time without adapters and the ratio of the time each
+side adds to it (the LoRA part, which is all that routing changes), and each side's cost of
+k = 8 against k = 1. ``--seq 1`` times one generation step (one new token per row, no cache).
 
 Usage::
 
@@ -26,12 +28,11 @@ import time
 
 import torch
 from _models import TARGETS, llama_config
+from transformers import LlamaForCausalLM
 
 
 def build(kind: str, hidden: int, layers: int, r: int, k: int):
     """The base with ``k`` adapters ``a0..a{k-1}`` of seeded random weights (the same on both sides)."""
-    from transformers import LlamaForCausalLM
-
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_config(hidden, layers, 4096)).eval()
     names = [f"a{i}" for i in range(k)]
@@ -65,6 +66,8 @@ def build(kind: str, hidden: int, layers: int, r: int, k: int):
 
 
 def forward(kind: str, model, names: list[str], ids: torch.Tensor) -> torch.Tensor:
+    if kind == "base":
+        return model(input_ids=ids).logits
     if kind == "ours":
         from lightning_peft import adapter_per_row
 
@@ -76,15 +79,17 @@ def forward(kind: str, model, names: list[str], ids: torch.Tensor) -> torch.Tens
 def measure(hidden: int, layers: int, r: int, seq: int, k: int, repeats: int) -> dict[str, float]:
     ids = torch.randint(0, 4096, (k, seq), generator=torch.Generator().manual_seed(2))
     sides = {kind: build(kind, hidden, layers, r, k) for kind in ("ours", "peft")}
+    torch.manual_seed(0)
+    sides["base"] = (LlamaForCausalLM(llama_config(hidden, layers, 4096)).eval(), [])  # no adapters
     with torch.no_grad():
         ours = forward("ours", *sides["ours"], ids)
         theirs = forward("peft", *sides["peft"], ids)
         gap = float((ours - theirs).abs().max())
         if gap > 1e-3:
             raise AssertionError(f"k={k}: outputs differ by {gap}")
-        times: dict[str, list[float]] = {"ours": [], "peft": []}
+        times: dict[str, list[float]] = {"ours": [], "peft": [], "base": []}
         for round_ in range(repeats + 1):
-            for kind in ("ours", "peft") if round_ % 2 else ("peft", "ours"):
+            for kind in ("ours", "peft", "base") if round_ % 2 else ("base", "peft", "ours"):
                 start = time.perf_counter()
                 forward(kind, *sides[kind], ids)
                 if round_:  # the first round warms up
@@ -106,13 +111,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"Llama hidden {args.hidden}, {args.layers} layers, LoRA r={args.r} on {len(TARGETS)} projections, "
           f"one row of {args.seq} tokens per adapter, {torch.get_num_threads()} threads")  # fmt: skip
-    print(f"{'k':>3} | {'ours (ms)':>10} | {'PEFT (ms)':>10} | {'ours / PEFT':>11} | max |diff|")
+    print(f"{'k':>3} | {'ours (ms)':>10} | {'PEFT (ms)':>10} | {'ours / PEFT':>11} | {'base (ms)':>10} | "
+          f"{'LoRA part ours / PEFT':>21} | max |diff|")  # fmt: skip
     results = {}
     for k in args.ks:
         results[k] = measure(args.hidden, args.layers, args.r, args.seq, k, args.repeats)
         row = results[k]
+        extra = (row["ours"] - row["base"]) / max(row["peft"] - row["base"], 1e-9)
         print(f"{k:>3} | {1000 * row['ours']:>10.1f} | {1000 * row['peft']:>10.1f} | "
-              f"{row['ours'] / row['peft']:>11.3f} | {row['gap']:.1e}")  # fmt: skip
+              f"{row['ours'] / row['peft']:>11.3f} | {1000 * row['base']:>10.1f} | {extra:>21.3f} | "
+              f"{row['gap']:.1e}")  # fmt: skip
     first, last = min(results), max(results)
     if first != last:
         for kind, label in (("ours", "ours"), ("peft", "PEFT")):

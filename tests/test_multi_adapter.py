@@ -160,6 +160,41 @@ def test_a_mixed_batch_equals_each_row_run_with_its_own_adapter(kind, factory):
         torch.testing.assert_close(got[row], want[name][row], rtol=0, atol=1e-5, msg=f"row {row} ({name})")
 
 
+@pytest.mark.parametrize("seq", [1, 5])
+def test_lora_routing_with_one_or_many_tokens_per_row_follows_weight_and_routing_changes(seq):
+    """One token per row (a generation step) and longer rows take different kernels; stacked
+    factors kept between forwards must follow new weights, a new routing and new adapters."""
+    model = _two("lora")
+    batch = random_batch(batch=4, seq=seq)
+
+    def expected(names):
+        want = {}
+        for name in set(names) - {None}:
+            lp.set_adapter(model, name)
+            want[name] = _logits(model, batch)
+        with lp.disable_adapters(model):
+            want[None] = _logits(model, batch)
+        return torch.stack([want[n][row] for row, n in enumerate(names)])
+
+    for names in (["b", None, "a", "b"], ["a", "a", None, "b"]):
+        with lp.adapter_per_row(model, names):
+            got = _logits(model, batch)
+            again = _logits(model, batch)  # served from the kept factors
+        torch.testing.assert_close(got, expected(names), rtol=0, atol=1e-5)
+        torch.testing.assert_close(again, got, rtol=0, atol=0)
+    _perturb(model, seed=5, adapter="a")  # in-place update, as an optimizer step makes
+    names = ["a", "b", "a", None]
+    with lp.adapter_per_row(model, names):
+        got = _logits(model, batch)
+    torch.testing.assert_close(got, expected(names), rtol=0, atol=1e-5)
+    LoRA(r=2, adapter_name="c").apply(model)
+    _perturb(model, seed=6, adapter="c")
+    names = ["c", "a", "b", "c"]
+    with lp.adapter_per_row(model, names):
+        got = _logits(model, batch)
+    torch.testing.assert_close(got, expected(names), rtol=0, atol=1e-5)
+
+
 def test_prompts_of_different_lengths_cannot_share_a_batch():
     model = tiny_llama()
     PromptTuning(num_virtual_tokens=3, adapter_name="a").apply(model)

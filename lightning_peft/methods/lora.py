@@ -59,6 +59,7 @@ class LoRALinear(LayerWrapper):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.lora = nn.ModuleDict()
+        self._routing_cache: dict = {}  # stacked factors for per-row routing (inference)
         self.train(base_layer.training)
 
     @property
@@ -93,7 +94,7 @@ class LoRALinear(LayerWrapper):
         base_out = result
         batched = [w for w in parts if w.rows is not None and w.magnitude is None and not w.dropping()]
         if batched:  # per-row routing: every row's update in two batched products
-            result = routed_low_rank(batched, x, result)
+            result = routed_low_rank(batched, x, result, self._routing_cache)
             parts = [w for w in parts if w not in batched]
         for weights in parts:
             if weights.magnitude is not None:

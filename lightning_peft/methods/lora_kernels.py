@@ -225,18 +225,61 @@ def low_rank_forward(weights: LoRAWeights, x: torch.Tensor, result: torch.Tensor
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
-def routed_low_rank(parts: list[LoRAWeights], x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+def _routed_factors(parts: list[LoRAWeights], x: torch.Tensor, dtype: torch.dtype, cache: dict | None) -> dict:
+    """The routed adapters' factors stacked, and each row's slot.
+
+    Returns a dict with ``a`` ``(K+1, rank, in)``, ``b`` ``(K+1, out, rank)`` (slot 0 zeros
+    for rows of no adapter; ranks zero-padded to the largest; scales folded into ``B``),
+    ``a_flat`` ``((K+1) rank, in)``, ``b_flat`` ``(out, (K+1) rank)``, ``slot`` ``(B,)`` and
+    ``keep`` ``(B, (K+1) rank)`` (1 on each row's own adapter). Without gradients they are
+    kept in ``cache``: the factors until an adapter's weights, scale or dtype change, the
+    slots until the routing changes, so serving builds them once per layer, not per forward.
+    """
+    grad = torch.is_grad_enabled() and any(p.lora_a.requires_grad or p.lora_b.requires_grad for p in parts)
+    use_cache = cache is not None and not grad
+    store = cache if use_cache else {}
+    key = tuple((id(p), p.lora_a.data_ptr(), p.lora_a._version, p.lora_b._version, p.scale, p.r) for p in parts)
+    key += (dtype, x.device)
+    if store.get("key") != key:
+        rank = max(p.r for p in parts)
+        in_f, out_f = parts[0].lora_a.shape[1], parts[0].lora_b.shape[0]
+        a_stack = [x.new_zeros(rank, in_f, dtype=dtype)]
+        b_stack = [x.new_zeros(out_f, rank, dtype=dtype)]
+        for part in parts:
+            a_stack.append(F.pad(part.lora_a.to(dtype), (0, 0, 0, rank - part.r)))  # (rank, in)
+            b_stack.append(F.pad(part.lora_b.to(dtype) * part.scale, (0, rank - part.r)))  # (out, rank)
+        a, b = torch.stack(a_stack), torch.stack(b_stack)
+        store.update(key=key, a=a, b=b, a_flat=a.reshape(-1, in_f), b_flat=torch.cat(b_stack, dim=1))
+        store.pop("routing", None)
+    routing = [p.rows for p in parts]
+    known = store.get("routing")
+    if known is None or len(known) != len(routing) or any(r is not k for r, k in zip(routing, known)):
+        slot = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # (B,)
+        for k, rows in enumerate(routing, start=1):
+            slot = torch.where(rows.to(x.device), k, slot)
+        slots, rank = store["a"].shape[:2]
+        keep = F.one_hot(slot, slots).to(dtype).repeat_interleave(rank, dim=1)  # (B, (K+1) rank)
+        store.update(routing=routing, slot=slot, keep=keep)
+    return store
+
+
+def routed_low_rank(
+    parts: list[LoRAWeights], x: torch.Tensor, result: torch.Tensor, cache: dict | None = None
+) -> torch.Tensor:
     """``result`` plus, for every row, the update of the adapter routed to it: two batched products.
 
     Serving many tasks in one batch: rather than one small product per adapter over its
     sub-batch, the factors of all routed adapters are stacked (ranks zero-padded to the
-    largest, scales folded into ``B``, a zero slot for rows of no adapter), each row gathers
-    its own, and ``bmm`` computes every row's ``B A x`` at once.
+    largest, scales folded into ``B``, a zero slot for rows of no adapter). With one token
+    per row (a generation step) every row meets every adapter's ``A`` in one product and
+    keeps its own adapter's slice before one product with all the ``B``; with longer rows
+    each row gathers its own factors and ``bmm`` computes every row's ``B A x``.
 
     Args:
         parts: Routed adapters of one layer (each with a ``rows`` mask; masks are disjoint).
         x: The layer input, ``(B, ..., in)``.
         result: The base output, ``(B, ..., out)``.
+        cache: A dict the layer keeps for the stacked factors (used without gradients).
     """
     batch, in_f, out_f = x.shape[0], x.shape[-1], result.shape[-1]
     device_type = x.device.type
@@ -245,19 +288,16 @@ def routed_low_rank(parts: list[LoRAWeights], x: torch.Tensor, result: torch.Ten
         if torch.is_autocast_enabled(device_type)
         else parts[0].lora_a.dtype
     )
-    rank = max(p.r for p in parts)
-    a_stack = [x.new_zeros(rank, in_f, dtype=dtype)]  # slot 0: rows of no adapter
-    b_stack = [x.new_zeros(out_f, rank, dtype=dtype)]
-    slot = torch.zeros(batch, dtype=torch.long, device=x.device)  # (B,)
-    for k, part in enumerate(parts, start=1):
-        a_stack.append(F.pad(part.lora_a.to(dtype), (0, 0, 0, rank - part.r)))  # (rank, in)
-        b_stack.append(F.pad(part.lora_b.to(dtype) * part.scale, (0, rank - part.r)))  # (out, rank)
-        slot = torch.where(part.rows.to(x.device), k, slot)
-    a_rows = torch.stack(a_stack)[slot]  # (B, rank, in)
-    b_rows = torch.stack(b_stack)[slot]  # (B, out, rank)
-    h = torch.bmm(x.reshape(batch, -1, in_f).to(dtype), a_rows.transpose(1, 2))  # (B, T, rank)
-    start = result.reshape(batch, -1, out_f)
-    out = torch.baddbmm(start.to(dtype), h, b_rows.transpose(1, 2))  # (B, T, out)
+    f = _routed_factors(parts, x, dtype, cache)
+    xs = x.reshape(batch, -1, in_f).to(dtype)  # (B, T, in)
+    start = result.reshape(batch, -1, out_f).to(dtype)  # (B, T, out)
+    if xs.shape[1] == 1:
+        h = torch.mm(xs[:, 0], f["a_flat"].t()) * f["keep"]  # (B, (K+1) rank): own adapter only
+        out = torch.addmm(start[:, 0], h, f["b_flat"].t()).unsqueeze(1)  # (B, 1, out)
+    else:
+        slot = f["slot"]
+        h = torch.bmm(xs, f["a"][slot].transpose(1, 2))  # (B, T, rank)
+        out = torch.baddbmm(start, h, f["b"][slot].transpose(1, 2))  # (B, T, out)
     return out.to(result.dtype).view(result.shape)
 
 
