@@ -234,6 +234,35 @@ class Record:
 
 
 # --------------------------------------------------------------------------- the setups
+def probe(record: Record):
+    """A Lightning callback feeding ``record`` at each phase of a training step."""
+    import lightning as L
+
+    from lightning_peft.methods.base import trainable_named_parameters
+
+    class Probe(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            record.loaded(pl_module)
+            self.params = [p for _, p in trainable_named_parameters(pl_module)]
+            self.saved = SavedTensors(pl_module)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            record.forward_starts()
+            self.saved.__enter__()
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            self.saved.__exit__(None, None, None)
+            record.forward_ends(self.saved)
+
+        def on_after_backward(self, trainer, pl_module):
+            record.backward_ends(self.params)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            record.step_ends(trainer.optimizers[0])  # the optimizer configure_optimizers returned
+
+    return Probe()
+
+
 def _imports() -> None:
     """The same libraries in every job, so their memory counts alike (and before the baseline)."""
     import bitsandbytes  # noqa: F401
@@ -343,26 +372,6 @@ def job_documented(args) -> dict:
             self.optimizer_under_test = make_optimizer(args.optimizer, params, lr=self.hparams.lr)
             return self.optimizer_under_test
 
-    class Probe(L.Callback):
-        def on_train_start(self, trainer, pl_module):
-            record.loaded(pl_module)
-            self.params = [p for _, p in trainable_named_parameters(pl_module)]
-            self.saved = SavedTensors(pl_module)
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            record.forward_starts()
-            self.saved.__enter__()
-
-        def on_before_backward(self, trainer, pl_module, loss):
-            self.saved.__exit__(None, None, None)
-            record.forward_ends(self.saved)
-
-        def on_after_backward(self, trainer, pl_module):
-            record.backward_ends(self.params)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            record.step_ends(pl_module.optimizer_under_test)
-
     start = time.perf_counter()
     module = Documented(args.folder, lr=1e-4, schedule="constant", gradient_checkpointing=bool(args.gc))
     plugin = FourBitPrecision(return_freed_memory=bool(args.heap))
@@ -371,7 +380,7 @@ def job_documented(args) -> dict:
         devices=1,
         max_steps=args.steps,
         plugins=[plugin],
-        callbacks=[LoRA(r=args.r, alpha=2 * args.r, target_modules=TARGETS), Probe()],
+        callbacks=[LoRA(r=args.r, alpha=2 * args.r, target_modules=TARGETS), probe(record)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -484,32 +493,11 @@ def job_fsdp2(args) -> dict:
 
     from lightning_peft import CausalLM
     from lightning_peft.callbacks import LoRA
-    from lightning_peft.methods.base import trainable_named_parameters
     from lightning_peft.plugins import FourBitPrecision
 
     batch = batch_for(args.batch, args.seq, args.vocab, "cpu")
     meter = Meter("cpu")
     record = Record(meter)
-
-    class Probe(L.Callback):
-        def on_train_start(self, trainer, pl_module):
-            record.loaded(pl_module)
-            self.params = [p for _, p in trainable_named_parameters(pl_module)]
-            self.saved = SavedTensors(pl_module)
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            record.forward_starts()
-            self.saved.__enter__()
-
-        def on_before_backward(self, trainer, pl_module, loss):
-            self.saved.__exit__(None, None, None)
-            record.forward_ends(self.saved)
-
-        def on_after_backward(self, trainer, pl_module):
-            record.backward_ends(self.params)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            record.step_ends(trainer.optimizers[0])
 
     if args.kind == "preloaded":
         module = CausalLM(AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.bfloat16), lr=1e-4)
@@ -521,7 +509,7 @@ def job_fsdp2(args) -> dict:
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
         max_steps=args.steps,
         plugins=[FourBitPrecision()],
-        callbacks=[LoRA(r=args.r, alpha=2 * args.r, target_modules=TARGETS), Probe()],
+        callbacks=[LoRA(r=args.r, alpha=2 * args.r, target_modules=TARGETS), probe(record)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
