@@ -263,6 +263,25 @@ def probe(record: Record):
     return Probe()
 
 
+def measured_trainer(args, record: Record, plugin: Any, **kwargs: Any):
+    """A quiet Trainer of ``args.steps`` steps: LoRA r=``args.r`` on every projection, ``plugin``, the probe."""
+    import lightning as L
+
+    from lightning_peft.callbacks import LoRA
+
+    return L.Trainer(
+        max_steps=args.steps,
+        plugins=[plugin],
+        callbacks=[LoRA(r=args.r, alpha=2 * args.r, target_modules=TARGETS), probe(record)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
+
+
 def _imports() -> None:
     """The same libraries in every job, so their memory counts alike (and before the baseline)."""
     import bitsandbytes  # noqa: F401
@@ -354,10 +373,8 @@ def make_step(model, device: str, optimizer: str = "adamw"):
 # --------------------------------------------------------------------------- subprocess jobs
 def job_documented(args) -> dict:
     """The documented path in a Lightning run, measured phase by phase through a callback."""
-    import lightning as L
 
     from lightning_peft import CausalLM
-    from lightning_peft.callbacks import LoRA
     from lightning_peft.methods.base import trainable_named_parameters
     from lightning_peft.plugins import FourBitPrecision
 
@@ -375,17 +392,8 @@ def job_documented(args) -> dict:
     start = time.perf_counter()
     module = Documented(args.folder, lr=1e-4, schedule="constant", gradient_checkpointing=bool(args.gc))
     plugin = FourBitPrecision(return_freed_memory=bool(args.heap))
-    trainer = L.Trainer(
-        accelerator="cuda" if args.device.startswith("cuda") else "cpu",
-        devices=1,
-        max_steps=args.steps,
-        plugins=[plugin],
-        callbacks=[LoRA(r=args.r, alpha=2 * args.r, target_modules=TARGETS), probe(record)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
+    trainer = measured_trainer(
+        args, record, plugin, accelerator="cuda" if args.device.startswith("cuda") else "cpu", devices=1
     )
     trainer.fit(module, loader)
     out = record.result()
@@ -487,12 +495,10 @@ def job_fsdp2(args) -> dict:
     plugin quantizes it, then it is sharded. Lightning re-runs this script for rank 1;
     each rank writes its figures to ``--out``.
     """
-    import lightning as L
     from lightning.pytorch.strategies import ModelParallelStrategy
     from transformers import AutoModelForCausalLM
 
     from lightning_peft import CausalLM
-    from lightning_peft.callbacks import LoRA
     from lightning_peft.plugins import FourBitPrecision
 
     batch = batch_for(args.batch, args.seq, args.vocab, "cpu")
@@ -503,18 +509,13 @@ def job_fsdp2(args) -> dict:
         module = CausalLM(AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.bfloat16), lr=1e-4)
     else:
         module = CausalLM(args.folder, lr=1e-4)
-    trainer = L.Trainer(
+    trainer = measured_trainer(
+        args,
+        record,
+        FourBitPrecision(),
         accelerator="cpu",
         devices=2,
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-        max_steps=args.steps,
-        plugins=[FourBitPrecision()],
-        callbacks=[LoRA(r=args.r, alpha=2 * args.r, target_modules=TARGETS), probe(record)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
     )
     trainer.fit(module, torch.utils.data.DataLoader([batch] * (2 * args.steps), batch_size=None))
     out = record.result()

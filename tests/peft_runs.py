@@ -225,6 +225,17 @@ def section(result: dict, prefix: str) -> dict[str, torch.Tensor]:
     return {k.split("/", 1)[1]: v for k, v in result.items() if k.startswith(prefix + "/")}
 
 
+def assert_two_adapters_run(rank0: dict, rank1: dict) -> None:
+    """Both ranks of a distributed :func:`build_two` run match one process; ``first`` stayed as it was."""
+    got, want = section(rank0, "two"), reference_two()
+    start = trained(build_two()[0])
+    assert_close(got, want, "two adapters")
+    assert_close(section(rank1, "two"), want, "two adapters on rank 1")
+    first = [k for k in got if ".lora.first." in k]
+    assert first and all(torch.equal(got[k], start[k]) for k in first)
+    assert all(not torch.equal(got[k], start[k]) for k in got if ".lora.second." in k)
+
+
 # The attention key bias adds the same q.b to every score of a query, which softmax ignores:
 # its true gradient is 0, so AdamW (eps 1e-8) turns float noise of ~1e-10 into steps of up to
 # lr. Its value depends on summation order and is not comparable across process counts.

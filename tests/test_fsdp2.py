@@ -261,13 +261,7 @@ def test_quantizing_after_sharding_is_refused_with_the_fix():
 @pytest.mark.slow
 def test_fsdp2_with_two_adapters_trains_the_second_and_leaves_the_first(fsdp2):
     (r0, r1), _ = fsdp2
-    got, want = section(r0, "two"), peft_runs.reference_two()
-    start, _ = peft_runs.build_two()
-    start = peft_runs.trained(start)
-    assert_close(got, want, "two adapters")
-    assert_close(section(r1, "two"), want, "two adapters on rank 1")
-    first = [k for k in got if ".lora.first." in k]
-    assert first and all(torch.equal(got[k], start[k]) for k in first)
+    peft_runs.assert_two_adapters_run(r0, r1)
 
 
 def test_sample_positions_reads_plain_tensors_at_flat_positions():

@@ -83,14 +83,7 @@ def test_ddp_matches_single_process_on_the_same_global_batch(ddp, name):
 @pytest.mark.slow
 def test_ddp_with_two_adapters_trains_the_second_and_leaves_the_first(ddp):
     (r0, r1), _ = ddp
-    got, want = section(r0, "two"), peft_runs.reference_two()
-    start, _ = peft_runs.build_two()
-    start = peft_runs.trained(start)
-    assert_close(got, want, "two adapters")
-    assert_close(section(r1, "two"), want, "two adapters on rank 1")
-    first = [k for k in got if ".lora.first." in k]
-    assert first and all(torch.equal(got[k], start[k]) for k in first)
-    assert all(not torch.equal(got[k], start[k]) for k in got if ".lora.second." in k)
+    peft_runs.assert_two_adapters_run(r0, r1)
 
 
 @pytest.mark.slow
