@@ -22,14 +22,24 @@ import torch
 from lightning_peft import MultiTaskClassifier, MultiTaskData
 
 HERE = Path(__file__).resolve().parent
-FIELDS = {"sentiment": "label", "domain": "domain"}  # each task's field in the review rows
+FIELDS = {
+    "sentiment": "label",
+    "domain": "domain",
+}  # each task's field in the review rows (--field adds more)
 
 
-def evaluate(ckpt: str, val_file: str, batch_size: int) -> dict[str, dict[str, float]]:
+def evaluate(
+    ckpt: str, val_file: str, batch_size: int, fields: dict[str, str]
+) -> dict[str, dict[str, float]]:
     """Per task: accuracy through mixed batches, through single-task batches, and their agreement."""
     module = MultiTaskClassifier.load_from_checkpoint(ckpt, map_location="cpu").eval()
     tasks = list(module.tasks)
-    specs = {t: {"label_field": FIELDS[t], "label_names": module.label_names.get(t)} for t in tasks}
+    unknown = [t for t in tasks if t not in fields]
+    if unknown:
+        raise SystemExit(
+            f"{ckpt}: no row field known for task(s) {unknown}; pass --field TASK=FIELD for each"
+        )
+    specs = {t: {"label_field": fields[t], "label_names": module.label_names.get(t)} for t in tasks}
     data = MultiTaskData(module.hparams.model, specs, val_file, val_file, max_length=64)
     rows = data.split("val")
     count = len(rows[tasks[0]])
@@ -72,10 +82,28 @@ def main() -> None:
     parser.add_argument("ckpts", nargs="+", help="MultiTaskClassifier checkpoints (.ckpt)")
     parser.add_argument("--val_file", default=str(HERE / "../minilm-sentiment/data/val.jsonl"))
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument(
+        "--field",
+        action="append",
+        default=[],
+        metavar="TASK=FIELD",
+        help="the row field holding a task's label (default: sentiment=label, domain=domain)",
+    )
     args = parser.parse_args()
-    print("checkpoint | task | rows | accuracy (mixed batches) | accuracy (one task per batch) | same answer | ms per mixed batch")
+    missing = [c for c in args.ckpts if not Path(c).is_file()]
+    if missing:
+        parser.error(f"no such checkpoint: {', '.join(missing)}")
+    fields = dict(FIELDS)
+    for item in args.field:
+        task, sep, field = item.partition("=")
+        if not sep or not task or not field:
+            parser.error(f"--field takes TASK=FIELD, got {item!r}")
+        fields[task] = field
+    print(
+        "checkpoint | task | rows | accuracy (mixed batches) | accuracy (one task per batch) | same answer | ms per mixed batch"
+    )
     for ckpt in args.ckpts:
-        for task, r in evaluate(ckpt, args.val_file, args.batch_size).items():
+        for task, r in evaluate(ckpt, args.val_file, args.batch_size, fields).items():
             print(
                 f"{ckpt} | {task} | {r['rows']} | {r['mixed_acc']:.4f} | {r['single_acc']:.4f} | "
                 f"{r['agreement']:.4f} | {r['ms_per_mixed_batch']:.1f}"
