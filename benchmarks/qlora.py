@@ -22,7 +22,8 @@ the documented path it is broken down part by part, each measured: 4-bit linear 
 (codes and scales), the layers left in bf16 (embeddings, head, norms), adapter
 parameters, gradients, optimizer state (tensor bytes), activations (resident growth over
 the forward pass; the part autograd saved is counted too) and the rest, next to the floor
-arithmetic of ``_models.qlora_floor``.
+arithmetic of ``_models.qlora_floor``. The measuring lives in ``_memory.py``, the printed
+tables in ``_qlora_report.py``.
 
 It also measures bits per quantized weight, training step times (ours vs a bf16 base vs
 transformers + PEFT QLoRA, steps alternating in one process) and the logit cost of
@@ -51,13 +52,12 @@ import time
 from typing import Any
 
 import torch
-from _models import MIB, TARGETS, llama_config, llama_counts, qlora_floor
+from _memory import Meter, Record, SavedTensors, measured_trainer, nbytes
+from _models import TARGETS, llama_config, llama_counts, qlora_floor
+from _qlora_report import report_fsdp2, report_memory, report_optimizers, report_time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-NF4_DQ_LIMIT = 4 + 8 / 64 + 32 / (64 * 256)
-GOALS = {"vs_peft4": 0.55, "vs_peft_bf16": 0.60, "checkpointing_vs_floor": 1.25}
-CUDA_GOALS = {"vs_peft_bf16": 0.45, "step_vs_bf16": 1.20}
 
 
 # --------------------------------------------------------------------------- the model
@@ -82,206 +82,7 @@ def batch_for(batch: int, seq: int, vocab: int, device: str, seed: int = 1) -> d
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-# --------------------------------------------------------------------------- measuring
-class Meter:
-    """Current and peak memory of this process: RSS on CPU, allocated memory on CUDA.
-
-    ``reset()`` restarts the peak at the current value (``/proc/self/clear_refs`` on Linux),
-    so each phase of a step has its own peak; :attr:`high` keeps the maximum over all.
-    Not ``getrusage``'s ``ru_maxrss``: Linux carries a parent's peak into a child process.
-    """
-
-    def __init__(self, device: str) -> None:
-        self.cuda = device.startswith("cuda")
-        self.can_reset = self.cuda or os.path.exists("/proc/self/clear_refs")
-        self.base = self.current()
-        self.high = 0.0
-        self.reset()
-
-    @staticmethod
-    def _status(field: str) -> float:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024.0
-        return float("nan")
-
-    def current(self) -> float:
-        """Bytes above the baseline."""
-        value = torch.cuda.memory_allocated() if self.cuda else self._status("VmRSS")
-        return value - getattr(self, "base", 0.0)
-
-    def peak(self) -> float:
-        """Peak bytes above the baseline since the last :meth:`reset`."""
-        value = torch.cuda.max_memory_allocated() if self.cuda else self._status("VmHWM")
-        value -= self.base
-        self.high = max(self.high, value)
-        return value
-
-    def reset(self) -> None:
-        self.peak()  # fold the finished phase into ``high``
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-        elif self.can_reset:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-
-
-def _nbytes(t: torch.Tensor | None) -> int:
-    """Bytes this process holds of ``t`` (its own shard of an FSDP2 ``DTensor``)."""
-    if t is None:
-        return 0
-    local = t.to_local() if hasattr(t, "to_local") else t
-    return local.numel() * local.element_size()
-
-
-def tensor_bytes(model: torch.nn.Module) -> dict[str, int]:
-    """Bytes of the 4-bit layers (codes and every scale), of the other frozen tensors, and of the trainable ones."""
-    from lightning_peft.quantization import is_4bit
-
-    seen: set[int] = set()
-    out = {"quantized": 0, "other": 0, "adapters": 0}
-    for module in model.modules():
-        if is_4bit(module):
-            weight = module.weight
-            state = getattr(weight, "quant_state", None) or module.quant_state
-            seen.add(id(weight))
-            out["quantized"] += _nbytes(weight) + _nbytes(state.absmax) + _nbytes(state.code)
-            if state.nested:
-                out["quantized"] += _nbytes(state.state2.absmax) + _nbytes(state.state2.code)
-    for param in model.parameters():
-        if id(param) not in seen:
-            seen.add(id(param))
-            out["adapters" if param.requires_grad else "other"] += _nbytes(param)
-    out["other"] += sum(_nbytes(b) for b in model.buffers())
-    return out
-
-
-def optimizer_bytes(optimizer: Any) -> int:
-    return sum(_nbytes(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
-
-
-class SavedTensors:
-    """Bytes autograd saves for backward (outside checkpointed blocks), parameters excluded."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        tensors = [*model.parameters(), *model.buffers()]
-        local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # FSDP2 shards
-        self.skip = {t.untyped_storage().data_ptr() for t in local}
-        self.seen: dict[int, int] = {}
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        if hasattr(t, "to_local"):
-            return t  # a sharded parameter: no activation
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in self.skip and storage.device.type != "meta":
-            self.seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    def __enter__(self) -> SavedTensors:
-        self.seen.clear()
-        self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.hooks.__exit__(*exc)
-
-    @property
-    def total(self) -> int:
-        return sum(self.seen.values())
-
-
-class Record:
-    """What a run measured: the largest value of each part over the steps, and the peaks."""
-
-    def __init__(self, meter: Meter) -> None:
-        self.meter = meter
-        self.out: dict[str, Any] = {}
-
-    def max(self, key: str, value: float) -> None:
-        self.out[key] = max(self.out.get(key, float("-inf")), float(value))
-
-    def loaded(self, model: torch.nn.Module) -> None:
-        self.out["load_peak"] = self.meter.peak()
-        self.out["resident_after_load"] = self.meter.current()
-        self.out.update({k: float(v) for k, v in tensor_bytes(model).items()})
-
-    def forward_starts(self) -> None:
-        self.meter.reset()
-        self._start = self.meter.current()
-
-    def forward_ends(self, saved: SavedTensors) -> None:
-        self.max("activations", self.meter.current() - self._start)
-        self.max("saved_for_backward", saved.total)
-        self.max("forward_peak", self.meter.peak())
-        self.meter.reset()
-
-    def backward_ends(self, params: list[torch.Tensor]) -> None:
-        self.max("grads", sum(_nbytes(p.grad) for p in params))
-        self.max("backward_peak", self.meter.peak())
-        self.meter.reset()
-
-    def step_ends(self, optimizer: Any) -> None:
-        self.max("optimizer", optimizer_bytes(optimizer))
-        self.max("step_peak", self.meter.peak())
-        self.meter.reset()
-
-    def result(self) -> dict[str, Any]:
-        self.meter.peak()
-        self.out["peak"] = self.meter.high
-        return self.out
-
-
 # --------------------------------------------------------------------------- the setups
-def probe(record: Record):
-    """A Lightning callback feeding ``record`` at each phase of a training step."""
-    import lightning as L
-
-    from lightning_peft.methods.base import trainable_named_parameters
-
-    class Probe(L.Callback):
-        def on_train_start(self, trainer, pl_module):
-            record.loaded(pl_module)
-            self.params = [p for _, p in trainable_named_parameters(pl_module)]
-            self.saved = SavedTensors(pl_module)
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            record.forward_starts()
-            self.saved.__enter__()
-
-        def on_before_backward(self, trainer, pl_module, loss):
-            self.saved.__exit__(None, None, None)
-            record.forward_ends(self.saved)
-
-        def on_after_backward(self, trainer, pl_module):
-            record.backward_ends(self.params)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            record.step_ends(trainer.optimizers[0])  # the optimizer configure_optimizers returned
-
-    return Probe()
-
-
-def measured_trainer(args, record: Record, plugin: Any, **kwargs: Any):
-    """A quiet Trainer of ``args.steps`` steps: LoRA r=``args.r`` on every projection, ``plugin``, the probe."""
-    import lightning as L
-
-    from lightning_peft.callbacks import LoRA
-
-    return L.Trainer(
-        max_steps=args.steps,
-        plugins=[plugin],
-        callbacks=[LoRA(r=args.r, alpha=2 * args.r, target_modules=TARGETS), probe(record)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **kwargs,
-    )
-
-
 def _imports() -> None:
     """The same libraries in every job, so their memory counts alike (and before the baseline)."""
     import bitsandbytes  # noqa: F401
@@ -522,7 +323,7 @@ def job_fsdp2(args) -> dict:
     from lightning_peft.quantization import is_4bit
 
     codes = [m.weight for m in module.modules() if is_4bit(m)]
-    out["local_code_bytes"] = sum(_nbytes(w) for w in codes)
+    out["local_code_bytes"] = sum(nbytes(w) for w in codes)
     out["global_code_bytes"] = sum(w.numel() * w.element_size() for w in codes)
     with open(os.path.join(args.out, f"rank{trainer.global_rank}.json"), "w") as f:
         json.dump(out, f)
@@ -554,7 +355,7 @@ def run_job(job: str, args, **overrides: Any) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-# --------------------------------------------------------------------------- the report
+# --------------------------------------------------------------------------- the runs
 RUNS = {  # name: (job, options, label)
     "documented": ("documented", {}, "ours, documented: CausalLM(path) + FourBitPrecision + LoRA"),
     "documented_gc": ("documented", {"gc": 1}, "ours, documented, gradient checkpointing"),
@@ -578,112 +379,9 @@ OPTIMIZER_RUNS = {  # name: (optimizer, label)
 }
 
 
-def mib(x: float) -> str:
-    return f"{x / MIB:.1f}"
-
-
-def print_breakdown(runs: dict, floors: dict, unit: str) -> None:
-    columns = [
-        (k, f) for k, f in (("documented", False), ("documented_gc", True)) if "peak" in runs.get(k, {})
-    ]
-    if not columns:
-        return
-    head = " | ".join(
-        f"{'checkpointing' if gc else 'no checkpointing'}: measured | floor" for _, gc in columns
-    )
-    print(f"\nbreakdown of the documented path, MiB ({unit}):\n")
-    print(f"| part | {head} |")
-    print("|---|" + "---|---|" * len(columns))
-    rows = [
-        ("4-bit linear weights (codes + scales)", "quantized"),
-        ("embeddings, head, norms (bf16)", "other"),
-        ("LoRA parameters (fp32)", "adapters"),
-        ("gradients (fp32)", "grads"),
-        ("optimizer state", "optimizer"),
-        ("activations (growth over the forward pass)", "activations"),
-    ]
-    for label, key in rows:
-        cells = " | ".join(f"{mib(runs[k][key])} | {mib(floors[gc][key])}" for k, gc in columns)
-        print(f"| {label} | {cells} |")
-    cells = " | ".join(f"{mib(runs[k]['saved_for_backward'])} | -" for k, _ in columns)
-    print(f"| of which saved for backward outside checkpointed blocks | {cells} |")
-    rest = []
-    for k, _ in columns:
-        r = runs[k]
-        parts = sum(r[key] for _, key in rows)
-        rest.append(f"{mib(r['peak'] - parts)} | 0")
-    print(f"| allocator, libraries, temporaries (peak - the rows above) | {' | '.join(rest)} |")
-    cells = " | ".join(f"{mib(runs[k]['peak'])} | {mib(floors[gc]['total'])}" for k, gc in columns)
-    print(f"| peak | {cells} |")
-    for k, gc in columns:
-        r = runs[k]
-        print(
-            f"{'checkpointing' if gc else 'no checkpointing'}: loading peaked at {mib(r['load_peak'])} MiB "
-            f"(resident after loading {mib(r['resident_after_load'])} MiB); peak by phase: forward "
-            f"{mib(r['forward_peak'])}, backward {mib(r['backward_peak'])}, optimizer step {mib(r['step_peak'])} MiB"
-        )
-
-
-def report_memory(runs: dict, floors: dict, args, unit: str) -> None:
-    print(f"\npeak memory, {unit}, MiB (each run a fresh process):\n")
-    print("| run | peak MiB | vs transformers + PEFT QLoRA | vs PEFT bf16 LoRA |")
-    print("|---|---|---|---|")
-    ref4, ref16 = runs.get("peft4", {}).get("peak"), runs.get("peft_bf16", {}).get("peak")
-    for name, (_job, _opts, label) in RUNS.items():
-        r = runs.get(name, {})
-        if "peak" not in r:
-            if "error" in r:
-                print(f"| {label} | failed: {r['error']} | | |")
-            continue
-        a = f"{r['peak'] / ref4:.3f}" if ref4 else "-"
-        b = f"{r['peak'] / ref16:.3f}" if ref16 else "-"
-        print(f"| {label} | {mib(r['peak'])} | {a} | {b} |")
-    doc, gc = runs.get("documented", {}), runs.get("documented_gc", {})
-    print()
-    if "bits_per_quantized_weight" in doc:
-        bits = doc["bits_per_quantized_weight"]
-        print(
-            f"bits per quantized weight (NF4 + double quant): {bits:.4f}  (limit {NF4_DQ_LIMIT:.4f}: "
-            f"{'ok' if bits <= NF4_DQ_LIMIT + 1e-3 else 'OVER'}); {doc['quantized_layers']} layers"
-        )
-    cuda = args.device.startswith("cuda")
-    if "peak" in doc and ref4:
-        goal = "" if cuda else f" (goal <= {GOALS['vs_peft4']})"
-        print(f"goal, documented / transformers+PEFT QLoRA: {doc['peak'] / ref4:.3f}{goal}")
-    if "peak" in doc and ref16:
-        goal = CUDA_GOALS["vs_peft_bf16"] if cuda else GOALS["vs_peft_bf16"]
-        print(f"goal, documented / PEFT bf16 LoRA: {doc['peak'] / ref16:.3f} (goal <= {goal})")
-    if "peak" in gc:
-        print(
-            f"goal, documented with gradient checkpointing / floor arithmetic: "
-            f"{gc['peak'] / floors[True]['total']:.3f} (goal <= {GOALS['checkpointing_vs_floor']})"
-        )
-    print_breakdown(runs, floors, unit)
-
-
-def report_optimizers(runs: dict, unit: str, counts: dict) -> None:
-    if not runs:
-        return
-    print(
-        f"\noptimizers on the documented path with gradient checkpointing ({counts['adapters'] / 1e6:.2f}M "
-        f"trainable parameters; {unit}):\n"
-    )
-    print("| optimizer | state MiB | state bytes / parameter | peak MiB | peak vs AdamW |")
-    print("|---|---|---|---|---|")
-    ref = runs.get("adamw", {}).get("peak")
-    for name, (_opt, label) in OPTIMIZER_RUNS.items():
-        r = runs.get(name, {})
-        if "peak" not in r:
-            if "error" in r:
-                print(f"| {label} | failed: {r['error']} | | | |")
-            continue
-        per = r["optimizer"] / counts["adapters"]
-        vs = f"{r['peak'] / ref:.3f}" if ref else "-"
-        print(f"| {label} | {mib(r['optimizer'])} | {per:.2f} | {mib(r['peak'])} | {vs} |")
-    print(
-        "paged optimizers page their state to host memory under GPU memory pressure (CUDA unified memory); on "
-        "CPU bitsandbytes falls back to the plain 8-bit optimizer"
-    )
+def run_labels(table: dict[str, tuple]) -> dict[str, str]:
+    """The report's label of each run of ``table`` (:data:`RUNS` or :data:`OPTIMIZER_RUNS`), in its order."""
+    return {name: row[-1] for name, row in table.items()}
 
 
 def run_fsdp2(args) -> dict:
@@ -698,60 +396,6 @@ def run_fsdp2(args) -> dict:
             else:
                 out[kind] = {"error": res.get("error", "no result")}
     return out
-
-
-def report_fsdp2(runs: dict, floors: dict) -> None:
-    print(
-        "\nFSDP2 (ModelParallelStrategy) on 2 CPU processes (gloo), QLoRA, no checkpointing; per rank, MiB:\n"
-    )
-    print(
-        "| path | rank | peak RSS | while loading | 4-bit codes kept (of all) | embeddings, head, norms kept |"
-    )
-    print("|---|---|---|---|---|---|")
-    labels = {
-        "documented": "CausalLM(path): each rank streams into 4-bit, then shards",
-        "preloaded": "CausalLM(from_pretrained(path)): each rank loads bf16, quantizes, shards",
-    }
-    for kind, ranks in runs.items():
-        if isinstance(ranks, dict):
-            print(f"| {labels[kind]} | - | failed: {ranks['error']} | | | |")
-            continue
-        for rank, r in enumerate(ranks):
-            print(
-                f"| {labels[kind]} | {rank} | {mib(r['peak'])} | {mib(r['load_peak'])} | "
-                f"{mib(r['local_code_bytes'])} ({mib(r['global_code_bytes'])}) | {mib(r['other'])} |"
-            )
-
-
-def report_time(timing: dict, args) -> None:
-    med, low = timing.get("median_step_s", {}), timing.get("min_step_s", {})
-    if med:
-        print()
-    for kind, s in med.items():
-        print(f"step time {kind}: median {s:.3f} s, fastest {low[kind]:.3f} s")
-    cuda = args.device.startswith("cuda")
-    if "ours4" in med and "bf16" in med:
-        goal = f"  (goal on CUDA <= {CUDA_GOALS['step_vs_bf16']})" if cuda else ""
-        print(
-            f"QLoRA / bf16 LoRA step time: {med['ours4'] / med['bf16']:.3f} (medians), "
-            f"{low['ours4'] / low['bf16']:.3f} (fastest){goal}"
-        )
-    if "ours4" in med and "peft4" in med:
-        print(
-            f"ours / transformers+PEFT QLoRA step time: {med['ours4'] / med['peft4']:.3f} (medians), "
-            f"{low['ours4'] / low['peft4']:.3f} (fastest)"
-        )
-    for kind, message in timing.get("errors", {}).items():
-        print(f"{kind} could not run: {message}")
-    if "error" in timing:
-        print(f"timing run failed: {timing['error']}")
-    req = timing.get("requantization")
-    if req:
-        print(
-            f"re-quantizing merged weights instead of a bf16 export: logits cosine {req['cosine_requantized']:.5f} "
-            f"(bf16-exact merge {req['cosine_merged']:.5f}), mean |diff| {req['mean_abs_requantized']:.4f} "
-            f"vs {req['mean_abs_merged']:.4f}, max |diff| {req['max_abs_requantized']:.4f}"
-        )
 
 
 # --------------------------------------------------------------------------- main
@@ -821,7 +465,7 @@ def main() -> None:
         for name, (job, options, _label) in RUNS.items():
             runs[name] = run_job(job, args, **options)
         results["memory"] = runs
-        report_memory(runs, floors, args, unit)
+        report_memory(runs, run_labels(RUNS), floors, args, unit)
     if "optimizers" in parts:
         reuse = results.get("memory", {}).get("documented_gc", {})
         runs = {"adamw": reuse if "peak" in reuse else run_job("documented", args, gc=1)}
@@ -829,7 +473,7 @@ def main() -> None:
             if name != "adamw":
                 runs[name] = run_job("documented", args, gc=1, optimizer=optimizer)
         results["optimizers"] = runs
-        report_optimizers(runs, unit, counts)
+        report_optimizers(runs, run_labels(OPTIMIZER_RUNS), unit, counts)
     if "fsdp2" in parts:
         results["fsdp2"] = run_fsdp2(args)
         report_fsdp2(results["fsdp2"], floors)
