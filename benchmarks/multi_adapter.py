@@ -6,14 +6,15 @@ every row's factors and computes all rows' updates in two batched products), PEF
 ``model(..., adapter_names=[...])`` (one product per adapter over its sub-batch). Both
 models hold the same weights; the outputs are checked equal before timing.
 
-Printed: the median forward time of each side per ``k``, their ratio (goal at k = 8:
-ours / PEFT <= 0.8), the base model's time without adapters and the ratio of the time each
-side adds to it (the LoRA part, which is all that routing changes), and each side's cost of
-k = 8 against k = 1. ``--seq 1`` times one generation step (one new token per row, no cache).
+Printed, per row length and ``k``: the median forward time of each side, their ratio (goal
+at k = 8: ours / PEFT <= 0.8), the base model's time without adapters and the ratio of the
+time each side adds to it (the LoRA part, which is all that routing changes); then each
+side's cost of k = 8 against k = 1. One token per row is a generation step (one new token
+per row, no cache), 16 a short prompt, 128 a longer one.
 
 Usage::
 
-    python benchmarks/multi_adapter.py                       # hidden 1024, 4 layers, seq 128
+    python benchmarks/multi_adapter.py                       # hidden 1024, 4 layers, 1/16/128 tokens
     python benchmarks/multi_adapter.py --hidden 256 --layers 1 --seq 16 --repeats 3 --ks 1 2
 
 Like the other benchmarks, timings on a shared machine are noisy: each side's time is the
@@ -102,7 +103,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--r", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--seq", type=int, nargs="+", default=[1, 16, 128])
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None)
@@ -110,24 +111,27 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"Llama hidden {args.hidden}, {args.layers} layers, LoRA r={args.r} on {len(TARGETS)} projections, "
-          f"one row of {args.seq} tokens per adapter, {torch.get_num_threads()} threads")  # fmt: skip
-    print(f"{'k':>3} | {'ours (ms)':>10} | {'PEFT (ms)':>10} | {'ours / PEFT':>11} | {'base (ms)':>10} | "
-          f"{'LoRA part ours / PEFT':>21} | max |diff|")  # fmt: skip
-    results = {}
-    for k in args.ks:
-        results[k] = measure(args.hidden, args.layers, args.r, args.seq, k, args.repeats)
-        row = results[k]
-        extra = (row["ours"] - row["base"]) / max(row["peft"] - row["base"], 1e-9)
-        print(f"{k:>3} | {1000 * row['ours']:>10.1f} | {1000 * row['peft']:>10.1f} | "
-              f"{row['ours'] / row['peft']:>11.3f} | {1000 * row['base']:>10.1f} | {extra:>21.3f} | "
-              f"{row['gap']:.1e}")  # fmt: skip
-    first, last = min(results), max(results)
-    if first != last:
-        for kind, label in (("ours", "ours"), ("peft", "PEFT")):
-            print(
-                f"cost of k={last} vs k={first}, {label}: {results[last][kind] / results[first][kind]:.2f}x"
+          f"one row per adapter, forward, {torch.get_num_threads()} threads")  # fmt: skip
+    print(f"{'tokens':>6} | {'k':>3} | {'ours (ms)':>10} | {'PEFT (ms)':>10} | {'ours / PEFT':>11} | "
+          f"{'base (ms)':>10} | {'LoRA part ours / PEFT':>21} | max |diff|")  # fmt: skip
+    results: dict[int, dict[int, dict[str, float]]] = {}
+    for seq in args.seq:
+        results[seq] = {}
+        for k in args.ks:
+            row = results[seq][k] = measure(args.hidden, args.layers, args.r, seq, k, args.repeats)
+            extra = (row["ours"] - row["base"]) / max(row["peft"] - row["base"], 1e-9)
+            print(f"{seq:>6} | {k:>3} | {1000 * row['ours']:>10.1f} | {1000 * row['peft']:>10.1f} | "
+                  f"{row['ours'] / row['peft']:>11.3f} | {1000 * row['base']:>10.1f} | {extra:>21.3f} | "
+                  f"{row['gap']:.1e}")  # fmt: skip
+    first, last = min(args.ks), max(args.ks)
+    for seq, rows in results.items():
+        costs = ""
+        if first != last:
+            costs = ", cost of k={} vs k={}: ours {:.2f}x, PEFT {:.2f}x".format(
+                last, first, rows[last]["ours"] / rows[first]["ours"], rows[last]["peft"] / rows[first]["peft"]
             )
-    print(f"ratio at k={last} (goal <= 0.80): {results[last]['ours'] / results[last]['peft']:.3f}")
+        print(f"{seq} tokens per row: ours / PEFT at k={last} {rows[last]['ours'] / rows[last]['peft']:.3f} "
+              f"(goal <= 0.80){costs}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -19,13 +19,14 @@ modules each method inserted:
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .core.ownership import adapter_parts
+from .core.ownership import AdapterPart, adapter_parts
 from .methods.base import AdapterRecord, Method, MethodError, find_record, sync_adapters, sync_requires_grad
 
 __all__ = [
@@ -148,15 +149,31 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
-def _row_masks(names: Sequence[str | None], record: AdapterRecord, device: Any) -> dict[str, torch.Tensor]:
+_LAST_MASKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (key, masks)
+
+
+def _row_masks(
+    names: Sequence[str | None], record: AdapterRecord, device: Any, model: nn.Module
+) -> dict[str, torch.Tensor]:
+    """Each routed name's ``(batch,)`` bool mask; the same tensors as the last call with the same names.
+
+    Keeping the tensors lets layers keep what they derived from a routing (e.g. LoRA's row
+    slots) across forwards and across contexts that route the same way.
+    """
     known = record.names()
     unknown = sorted({n for n in names if n is not None and n not in known})
     if unknown:
         raise ValueError(f"adapter_per_row: no adapter named {unknown}; adapters on this model: {known}")
-    return {
+    key = (tuple(names), device)
+    last = _LAST_MASKS.get(model)
+    if last is not None and last[0] == key:
+        return last[1]
+    masks = {
         name: torch.tensor([n == name for n in names], dtype=torch.bool, device=device)
         for name in dict.fromkeys(n for n in names if n is not None)
     }
+    _LAST_MASKS[model] = (key, masks)
+    return masks
 
 
 @contextlib.contextmanager
@@ -175,28 +192,27 @@ def adapter_per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[n
     """
     record = _record(model, "adapter_per_row")
     first = next(model.parameters(), None)
-    masks = _row_masks(names, record, first.device if first is not None else None)
-    routed = [c for c in record.configs if c.adapter_name in masks]
-    merged = [c.adapter_name for c in routed if c.is_merged(model)]
-    baked = [c.adapter_name for c in record.configs if c.in_place]
+    masks = _row_masks(names, record, first.device if first is not None else None, model)
+    parts = [m for m in model.modules() if isinstance(m, AdapterPart)]
+    merged = {p.adapter_name for p in parts if p.merged and p.adapter_name in masks}
+    baked = {c.adapter_name for c in record.configs if c.in_place}
     if merged or baked:
         raise MethodError(
-            f"adapter_per_row: adapters {sorted(set(merged + baked))} are folded into the base weights, so no row can "
+            f"adapter_per_row: adapters {sorted(merged | baked)} are folded into the base weights, so no row can "
             "go without them; unmerge them (or route only adapters that are not merged)"
         )
+    routed = [c for c in record.configs if c.adapter_name in masks]
     for method_name in dict.fromkeys(c.name for c in routed):
         same = [c for c in routed if c.name == method_name]
         same[0].check_routable(model, same)
-    parts = adapter_parts(model)
-    before = [(part.active, part.rows) for _, part in parts]
-    for _, part in parts:
-        part.active = part.adapter_name in masks
-        part.rows = masks.get(part.adapter_name)
+    before = [(part.active, part.rows) for part in parts]
+    for part in parts:
+        part.route(part.adapter_name in masks, masks.get(part.adapter_name))
     try:
         yield model
     finally:
-        for (_, part), (active, rows) in zip(parts, before):
-            part.active, part.rows = active, rows
+        for part, (active, rows) in zip(parts, before):
+            part.route(active, rows)
 
 
 COMBINATIONS = ("cat", "linear", "svd", "ties", "dare_linear")

@@ -1,4 +1,4 @@
-"""LoRA's dropout kernel and DoRA: the dropout path against autograd, the keep mask, magnitudes, the norm."""
+"""LoRA's kernels: the dropout path against autograd, the keep mask, DoRA's magnitudes and norm, in-place inference."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 from lightning_peft.callbacks import LoRA
 from lightning_peft.methods.base import count_parameters
 from lightning_peft.methods.lora import lora_layer, lora_layers
-from lightning_peft.methods.lora_kernels import DroppedLowRank, keep_mask
+from lightning_peft.methods.lora_kernels import DroppedLowRank, LoRAWeights, keep_mask
 
 from conftest import random_batch, tiny_gpt2, tiny_llama
 
@@ -135,3 +135,29 @@ def test_dora_weight_norm_is_detached():
     out = (layer.lora["default"].magnitude.detach() / norm) * (x @ (w + b @ a).T) + layer.base_layer.bias
     out.sum().backward()
     torch.testing.assert_close(got, b.grad)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_inference_adds_into_the_base_output_only_when_nothing_else_reads_it(dora):
+    """Without gradients the update goes into the base layer's fresh output; the result must
+    equal the gradient path's, and a hook on the base layer (or DoRA) must still see W x + b."""
+    torch.manual_seed(0)
+    layer = lora_layer(nn.Linear(16, 8), r=2, alpha=4)
+    layer.add(LoRAWeights("dora", 16, 8, 2, 1.0, 0.0, True, layer.base_layer))
+    if not dora:
+        del layer.lora["dora"]
+    for weights in layer.lora.values():
+        nn.init.normal_(weights.lora_b)
+    x = torch.randn(3, 5, 16)
+    with_grad = layer(x)
+    with torch.no_grad():
+        without = layer(x)
+        base = layer.base_layer(x)
+    torch.testing.assert_close(without, with_grad, rtol=0, atol=1e-6)
+    seen = []
+    handle = layer.base_layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    with torch.no_grad():
+        hooked = layer(x)
+    handle.remove()
+    torch.testing.assert_close(hooked, with_grad, rtol=0, atol=1e-6)
+    torch.testing.assert_close(seen[0], base, rtol=0, atol=0)  # the hook's tensor was not added into

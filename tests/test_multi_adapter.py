@@ -189,8 +189,12 @@ def test_lora_routing_with_one_or_many_tokens_per_row_follows_weight_and_routing
     torch.testing.assert_close(got, expected(names), rtol=0, atol=1e-5)
     LoRA(r=2, adapter_name="c").apply(model)
     _perturb(model, seed=6, adapter="c")
-    names = ["c", "a", "b", "c"]
+    names = ["c", "a", "b", "c"]  # no more rows than slots: each row's factors are kept too
     with lp.adapter_per_row(model, names):
+        got = _logits(model, batch)
+    torch.testing.assert_close(got, expected(names), rtol=0, atol=1e-5)
+    _perturb(model, seed=7, adapter="c")
+    with lp.adapter_per_row(model, names):  # the same routing in a new context, new weights
         got = _logits(model, batch)
     torch.testing.assert_close(got, expected(names), rtol=0, atol=1e-5)
 

@@ -68,7 +68,10 @@ class AdapterPart(nn.Module):
         adapter_name: The adapter this part belongs to.
         active: Whether the part takes part in ``forward``.
         rows: ``None`` (every row of the batch), or a ``(batch,)`` bool mask of the rows this
-            adapter serves (per-row routing, see ``lightning_peft.adapter_per_row``).
+            adapter serves, with at least one row (per-row routing, see
+            ``lightning_peft.adapter_per_row``).
+        merged: Whether the part's update is folded into the base weights (methods that
+            merge set it; the others never do).
     """
 
     def __init__(self, adapter_name: str) -> None:
@@ -76,10 +79,18 @@ class AdapterPart(nn.Module):
         self.adapter_name = adapter_name
         self.active = True
         self.rows: torch.Tensor | None = None
+        self.merged = False
 
     def serves(self) -> bool:
-        """Whether the part contributes to the current forward (active, and not routed to zero rows)."""
-        return self.active and (self.rows is None or bool(self.rows.any()))
+        """Whether the part contributes to the current forward (routing gives it rows only when it serves some)."""
+        return self.active
+
+    def route(self, active: bool, rows: torch.Tensor | None) -> None:
+        """Set ``active`` and ``rows`` together (a plain attribute write: called per part on every routing)."""
+        if rows is not None and rows.dtype != torch.bool:
+            raise TypeError(f"rows must be a bool mask, got {rows.dtype}")
+        self.__dict__["active"] = active  # neither is a parameter, buffer or module
+        self.__dict__["rows"] = rows
 
 
 def adapter_parts(model: nn.Module, adapter_name: str | None = None) -> list[tuple[str, AdapterPart]]:

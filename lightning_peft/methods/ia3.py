@@ -62,7 +62,6 @@ class IA3Vector(AdapterPart):
     def __init__(self, adapter_name: str, shape: tuple[int, int], device: Any, dtype: torch.dtype) -> None:
         super().__init__(adapter_name)
         self.ia3_l = nn.Parameter(torch.ones(shape, device=device, dtype=dtype))
-        self.merged = False
         declare_trainable(self, adapter=adapter_name)
 
     def scaling(self, batch: int, like: torch.Tensor) -> torch.Tensor:

@@ -92,15 +92,21 @@ class LoRALinear(LayerWrapper):
         if not parts:
             return result
         base_out = result
+        # without gradients the updates go into the base output, unless DoRA or a hook reads it
+        inplace = (
+            not torch.is_grad_enabled()
+            and not self.base_layer._forward_hooks
+            and all(w.magnitude is None for w in parts)
+        )
         batched = [w for w in parts if w.rows is not None and w.magnitude is None and not w.dropping()]
         if batched:  # per-row routing: every row's update in two batched products
-            result = routed_low_rank(batched, x, result, self._routing_cache)
+            result = routed_low_rank(batched, x, result, self._routing_cache, inplace)
             parts = [w for w in parts if w not in batched]
         for weights in parts:
             if weights.magnitude is not None:
                 result = result + dora_contribution(weights, self.base_layer, x, base_out)
             else:
-                result = low_rank_forward(weights, x, result)
+                result = low_rank_forward(weights, x, result, inplace)
         return result
 
     # -- merging ---------------------------------------------------------------------------

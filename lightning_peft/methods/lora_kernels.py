@@ -86,7 +86,6 @@ class LoRAWeights(AdapterPart):
         self.r = r
         self.scale = float(scale)
         self.dropout_p = float(dropout)
-        self.merged = False
         self.merge_factor: torch.Tensor | None = None  # DoRA: m / ||W + sBA|| of the merge
         self.lora_a = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))  # (r, in)
         self.lora_b = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))  # (out, r)
@@ -191,13 +190,17 @@ def _row_mask(weights: LoRAWeights, like: torch.Tensor) -> torch.Tensor | None:
     return rows.to(device=like.device, dtype=like.dtype).view(shape)
 
 
-def low_rank_forward(weights: LoRAWeights, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+def low_rank_forward(
+    weights: LoRAWeights, x: torch.Tensor, result: torch.Tensor, inplace: bool = False
+) -> torch.Tensor:
     """``result + s * B A dropout(x)`` in the compute dtype, returned in ``result``'s dtype.
 
     Args:
         weights: The adapter.
         x: The layer input, ``(..., in)``.
         result: What the layer computed so far, ``(..., out)``.
+        inplace: Add into ``result`` (when nothing else reads it and no gradient is taken):
+            on CPU a fresh output costs more than the adapter's products.
     """
     a, b = weights.lora_a, weights.lora_b
     out_dtype = result.dtype
@@ -219,25 +222,28 @@ def low_rank_forward(weights: LoRAWeights, x: torch.Tensor, result: torch.Tensor
     else:
         h = F.linear(x, a)  # (..., r)
         # result + scale * h @ B^T in one fused kernel: no separate scale and add passes
-        out = torch.addmm(
-            start.reshape(-1, start.shape[-1]), h.reshape(-1, weights.r), b.t(), alpha=weights.scale
-        ).view(start.shape)  # (..., out)
+        flat = start.reshape(-1, start.shape[-1])  # (N, out)
+        if inplace:  # into result itself, or into reshape's copy of it
+            out = flat.addmm_(h.reshape(-1, weights.r), b.t(), alpha=weights.scale).view(start.shape)
+        else:
+            out = torch.addmm(flat, h.reshape(-1, weights.r), b.t(), alpha=weights.scale).view(start.shape)
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
 def _routed_factors(parts: list[LoRAWeights], x: torch.Tensor, dtype: torch.dtype, cache: dict | None) -> dict:
     """The routed adapters' factors stacked, and each row's slot.
 
-    Returns a dict with ``a`` ``(K+1, rank, in)``, ``b`` ``(K+1, out, rank)`` (slot 0 zeros
-    for rows of no adapter; ranks zero-padded to the largest; scales folded into ``B``),
-    ``a_flat`` ``((K+1) rank, in)``, ``b_flat`` ``(out, (K+1) rank)``, ``slot`` ``(B,)`` and
-    ``keep`` ``(B, (K+1) rank)`` (1 on each row's own adapter). Without gradients they are
-    kept in ``cache``: the factors until an adapter's weights, scale or dtype change, the
-    slots until the routing changes, so serving builds them once per layer, not per forward.
+    Returns a dict with ``a`` ``(K+1, rank, in)`` and ``b_flat`` ``(out, (K+1) rank)`` (slot 0
+    zeros for rows of no adapter; ranks zero-padded to the largest; scales folded into
+    ``B``), ``keep`` ``(B, (K+1) rank)`` (1 on each row's own adapter) and ``rows_a``
+    ``(B, rank, in)``, ``rows_b`` ``(B, out, rank)``: each row's own factors, kept when there
+    are no more rows than slots (then no larger than the stack), else ``None`` (gathered per
+    forward). Without gradients all of it is kept in ``cache``: the factors until an
+    adapter's weights, scale or dtype change, the rest until the routing changes, so serving
+    builds them once per layer, not per forward.
     """
     grad = torch.is_grad_enabled() and any(p.lora_a.requires_grad or p.lora_b.requires_grad for p in parts)
-    use_cache = cache is not None and not grad
-    store = cache if use_cache else {}
+    store = cache if cache is not None and not grad else {}
     key = tuple((id(p), p.lora_a.data_ptr(), p.lora_a._version, p.lora_b._version, p.scale, p.r) for p in parts)
     key += (dtype, x.device)
     if store.get("key") != key:
@@ -248,9 +254,8 @@ def _routed_factors(parts: list[LoRAWeights], x: torch.Tensor, dtype: torch.dtyp
         for part in parts:
             a_stack.append(F.pad(part.lora_a.to(dtype), (0, 0, 0, rank - part.r)))  # (rank, in)
             b_stack.append(F.pad(part.lora_b.to(dtype) * part.scale, (0, rank - part.r)))  # (out, rank)
-        a, b = torch.stack(a_stack), torch.stack(b_stack)
-        store.update(key=key, a=a, b=b, a_flat=a.reshape(-1, in_f), b_flat=torch.cat(b_stack, dim=1))
-        store.pop("routing", None)
+        store.clear()
+        store.update(key=key, a=torch.stack(a_stack), b_flat=torch.cat(b_stack, dim=1))
     routing = [p.rows for p in parts]
     known = store.get("routing")
     if known is None or len(known) != len(routing) or any(r is not k for r, k in zip(routing, known)):
@@ -259,12 +264,34 @@ def _routed_factors(parts: list[LoRAWeights], x: torch.Tensor, dtype: torch.dtyp
             slot = torch.where(rows.to(x.device), k, slot)
         slots, rank = store["a"].shape[:2]
         keep = F.one_hot(slot, slots).to(dtype).repeat_interleave(rank, dim=1)  # (B, (K+1) rank)
-        store.update(routing=routing, slot=slot, keep=keep)
+        kept = x.shape[0] <= slots
+        store.update(
+            routing=routing,
+            slot=slot,
+            keep=keep,
+            rows_a=_gather_a(store, slot) if kept else None,
+            rows_b=_gather_b(store, slot) if kept else None,
+        )
     return store
 
 
+def _gather_a(factors: dict, slot: torch.Tensor) -> torch.Tensor:
+    """Each row's ``A``, ``(B, rank, in)``."""
+    return factors["a"][slot]
+
+
+def _gather_b(factors: dict, slot: torch.Tensor) -> torch.Tensor:
+    """Each row's scaled ``B``, ``(B, out, rank)``."""
+    out_f, slots, rank = factors["b_flat"].shape[0], *factors["a"].shape[:2]
+    return factors["b_flat"].view(out_f, slots, rank).permute(1, 0, 2)[slot]
+
+
 def routed_low_rank(
-    parts: list[LoRAWeights], x: torch.Tensor, result: torch.Tensor, cache: dict | None = None
+    parts: list[LoRAWeights],
+    x: torch.Tensor,
+    result: torch.Tensor,
+    cache: dict | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """``result`` plus, for every row, the update of the adapter routed to it: two batched products.
 
@@ -273,13 +300,14 @@ def routed_low_rank(
     largest, scales folded into ``B``, a zero slot for rows of no adapter). With one token
     per row (a generation step) every row meets every adapter's ``A`` in one product and
     keeps its own adapter's slice before one product with all the ``B``; with longer rows
-    each row gathers its own factors and ``bmm`` computes every row's ``B A x``.
+    each row takes its own factors and ``bmm`` computes every row's ``B A x``.
 
     Args:
         parts: Routed adapters of one layer (each with a ``rows`` mask; masks are disjoint).
         x: The layer input, ``(B, ..., in)``.
         result: The base output, ``(B, ..., out)``.
         cache: A dict the layer keeps for the stacked factors (used without gradients).
+        inplace: Add into ``result`` (when nothing else reads it and no gradient is taken).
     """
     batch, in_f, out_f = x.shape[0], x.shape[-1], result.shape[-1]
     device_type = x.device.type
@@ -292,12 +320,19 @@ def routed_low_rank(
     xs = x.reshape(batch, -1, in_f).to(dtype)  # (B, T, in)
     start = result.reshape(batch, -1, out_f).to(dtype)  # (B, T, out)
     if xs.shape[1] == 1:
-        h = torch.mm(xs[:, 0], f["a_flat"].t()) * f["keep"]  # (B, (K+1) rank): own adapter only
-        out = torch.addmm(start[:, 0], h, f["b_flat"].t()).unsqueeze(1)  # (B, 1, out)
+        h = torch.mm(xs[:, 0], f["a"].view(-1, in_f).t()).mul_(f["keep"])  # (B, (K+1) rank): own adapter only
+        if inplace:
+            out = start[:, 0].addmm_(h, f["b_flat"].t()).unsqueeze(1)  # (B, 1, out)
+        else:
+            out = torch.addmm(start[:, 0], h, f["b_flat"].t()).unsqueeze(1)
     else:
-        slot = f["slot"]
-        h = torch.bmm(xs, f["a"][slot].transpose(1, 2))  # (B, T, rank)
-        out = torch.baddbmm(start, h, f["b"][slot].transpose(1, 2))  # (B, T, out)
+        rows_a = f["rows_a"] if f["rows_a"] is not None else _gather_a(f, f["slot"])
+        rows_b = f["rows_b"] if f["rows_b"] is not None else _gather_b(f, f["slot"])
+        h = torch.bmm(xs, rows_a.transpose(1, 2))  # (B, T, rank)
+        if inplace:
+            out = start.baddbmm_(h, rows_b.transpose(1, 2))  # (B, T, out)
+        else:
+            out = torch.baddbmm(start, h, rows_b.transpose(1, 2))
     return out.to(result.dtype).view(result.shape)
 
 
