@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--seq", type=int, nargs="+", default=[1, 16, 128])
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:

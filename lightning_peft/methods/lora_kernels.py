@@ -235,8 +235,8 @@ def _routed_factors(parts: list[LoRAWeights], x: torch.Tensor, dtype: torch.dtyp
 
     Returns a dict with ``a`` ``(K+1, rank, in)`` and ``b_flat`` ``(out, (K+1) rank)`` (slot 0
     zeros for rows of no adapter; ranks zero-padded to the largest; scales folded into
-    ``B``), ``keep`` ``(B, (K+1) rank)`` (1 on each row's own adapter) and ``rows_a``
-    ``(B, rank, in)``, ``rows_b`` ``(B, out, rank)``: each row's own factors, kept when there
+    ``B``), ``keep`` ``(B, (K+1) rank)`` (1 on each row's own adapter) and ``rows_at``
+    ``(B, in, rank)``, ``rows_b`` ``(B, out, rank)``: each row's own factors, kept when there
     are no more rows than slots (then no larger than the stack), else ``None`` (gathered per
     forward). Without gradients all of it is kept in ``cache``: the factors until an
     adapter's weights, scale or dtype change, the rest until the routing changes, so serving
@@ -269,7 +269,7 @@ def _routed_factors(parts: list[LoRAWeights], x: torch.Tensor, dtype: torch.dtyp
             routing=routing,
             slot=slot,
             keep=keep,
-            rows_a=_gather_a(store, slot) if kept else None,
+            rows_at=_gather_a(store, slot).transpose(1, 2).contiguous() if kept else None,
             rows_b=_gather_b(store, slot) if kept else None,
         )
     return store
@@ -326,9 +326,9 @@ def routed_low_rank(
         else:
             out = torch.addmm(start[:, 0], h, f["b_flat"].t()).unsqueeze(1)
     else:
-        rows_a = f["rows_a"] if f["rows_a"] is not None else _gather_a(f, f["slot"])
+        rows_at = f["rows_at"] if f["rows_at"] is not None else _gather_a(f, f["slot"]).transpose(1, 2)
         rows_b = f["rows_b"] if f["rows_b"] is not None else _gather_b(f, f["slot"])
-        h = torch.bmm(xs, rows_a.transpose(1, 2))  # (B, T, rank)
+        h = torch.bmm(xs, rows_at)  # (B, T, rank)
         if inplace:
             out = start.baddbmm_(h, rows_b.transpose(1, 2))  # (B, T, out)
         else:
