@@ -55,18 +55,23 @@ def print_breakdown(runs: dict, floors: dict, unit: str) -> None:
         )
 
 
+def measured_rows(runs: dict, labels: dict[str, str], columns: int):
+    """``(label, result)`` of each run with a peak, in row order; a failed run prints its row here."""
+    for name, label in labels.items():
+        r = runs.get(name, {})
+        if "peak" in r:
+            yield label, r
+        elif "error" in r:
+            print(f"| {label} | failed: {r['error']} |" + " |" * (columns - 2))
+
+
 def report_memory(runs: dict, labels: dict[str, str], floors: dict, args, unit: str) -> None:
     """The peak of each run (``labels``: run name to row label, in row order), the goals, the breakdown."""
     print(f"\npeak memory, {unit}, MiB (each run a fresh process):\n")
     print("| run | peak MiB | vs transformers + PEFT QLoRA | vs PEFT bf16 LoRA |")
     print("|---|---|---|---|")
     ref4, ref16 = runs.get("peft4", {}).get("peak"), runs.get("peft_bf16", {}).get("peak")
-    for name, label in labels.items():
-        r = runs.get(name, {})
-        if "peak" not in r:
-            if "error" in r:
-                print(f"| {label} | failed: {r['error']} | | |")
-            continue
+    for label, r in measured_rows(runs, labels, columns=4):
         a = f"{r['peak'] / ref4:.3f}" if ref4 else "-"
         b = f"{r['peak'] / ref16:.3f}" if ref16 else "-"
         print(f"| {label} | {mib(r['peak'])} | {a} | {b} |")
@@ -104,12 +109,7 @@ def report_optimizers(runs: dict, labels: dict[str, str], unit: str, counts: dic
     print("| optimizer | state MiB | state bytes / parameter | peak MiB | peak vs AdamW |")
     print("|---|---|---|---|---|")
     ref = runs.get("adamw", {}).get("peak")
-    for name, label in labels.items():
-        r = runs.get(name, {})
-        if "peak" not in r:
-            if "error" in r:
-                print(f"| {label} | failed: {r['error']} | | | |")
-            continue
+    for label, r in measured_rows(runs, labels, columns=5):
         per = r["optimizer"] / counts["adapters"]
         vs = f"{r['peak'] / ref:.3f}" if ref else "-"
         print(f"| {label} | {mib(r['optimizer'])} | {per:.2f} | {mib(r['peak'])} | {vs} |")
