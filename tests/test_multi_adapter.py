@@ -14,6 +14,7 @@ from lightning_peft.core.heads import ModuleCopies
 from lightning_peft.core.ownership import owned_tensors
 from lightning_peft.methods import MethodError
 from lightning_peft.methods.base import trainable_parameter_names
+from lightning_peft.methods.lora import lora_layers
 from lightning_peft.persistence import delta_state_dict
 
 from conftest import random_batch, tiny_bert_classifier, tiny_llama
@@ -197,6 +198,25 @@ def test_lora_routing_with_one_or_many_tokens_per_row_follows_weight_and_routing
     with lp.adapter_per_row(model, names):  # the same routing in a new context, new weights
         got = _logits(model, batch)
     torch.testing.assert_close(got, expected(names), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("seq", [1, 5])
+@pytest.mark.parametrize("names", [["b", None, "a", "b"], ["a", None, "b"]], ids=["grouped", "per-row"])
+def test_routed_lora_with_gradients_equals_inference_and_trains_only_each_row_s_adapter(names, seq):
+    """More rows than adapters (grouped products) or not (each row's own factors), with and without gradients."""
+    model = _two("lora").eval()
+    lp.set_trainable(model, ["a", "b"])
+    batch = random_batch(batch=len(names), seq=seq)
+    with lp.adapter_per_row(model, names):
+        with torch.no_grad():
+            want = model(**batch).logits
+        got = model(**batch).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    got[[row for row, name in enumerate(names) if name == "a"]].sum().backward()
+    layers = lora_layers(model)
+    grads = {n: [layer.lora[n].lora_b.grad for _, layer in layers] for n in ("a", "b")}
+    assert all(g is not None for g in grads["a"]) and sum(float(g.abs().sum()) for g in grads["a"]) > 0
+    assert all(g is None or g.abs().sum() == 0 for g in grads["b"])
 
 
 def test_prompts_of_different_lengths_cannot_share_a_batch():

@@ -265,12 +265,17 @@ def _routed_factors(parts: list[LoRAWeights], x: torch.Tensor, dtype: torch.dtyp
         slots, rank = store["a"].shape[:2]
         keep = F.one_hot(slot, slots).to(dtype).repeat_interleave(rank, dim=1)  # (B, (K+1) rank)
         kept = x.shape[0] <= slots
+        order = torch.argsort(slot, stable=True)  # rows grouped by slot, base rows first
+        counts = torch.bincount(slot, minlength=slots).tolist()
+        ends = [sum(counts[: k + 1]) for k in range(slots)]
         store.update(
             routing=routing,
             slot=slot,
             keep=keep,
             rows_at=_gather_a(store, slot).transpose(1, 2).contiguous() if kept else None,
             rows_b=_gather_b(store, slot) if kept else None,
+            grouped=order[counts[0] :],  # rows of some adapter, grouped by slot
+            groups=[(k, ends[k - 1] - counts[0], ends[k] - counts[0]) for k in range(1, slots) if counts[k]],
         )
     return store
 
@@ -300,7 +305,9 @@ def routed_low_rank(
     largest, scales folded into ``B``, a zero slot for rows of no adapter). With one token
     per row (a generation step) every row meets every adapter's ``A`` in one product and
     keeps its own adapter's slice before one product with all the ``B``; with longer rows
-    each row takes its own factors and ``bmm`` computes every row's ``B A x``.
+    and no more rows than slots each row takes its own factors and ``bmm`` computes every
+    row's ``B A x``; with more rows, the rows are grouped by adapter once per routing and each
+    adapter's two products run over its group.
 
     Args:
         parts: Routed adapters of one layer (each with a ``rows`` mask; masks are disjoint).
@@ -325,14 +332,24 @@ def routed_low_rank(
             out = start[:, 0].addmm_(h, f["b_flat"].t()).unsqueeze(1)  # (B, 1, out)
         else:
             out = torch.addmm(start[:, 0], h, f["b_flat"].t()).unsqueeze(1)
-    else:
-        rows_at = f["rows_at"] if f["rows_at"] is not None else _gather_a(f, f["slot"]).transpose(1, 2)
-        rows_b = f["rows_b"] if f["rows_b"] is not None else _gather_b(f, f["slot"])
-        h = torch.bmm(xs, rows_at)  # (B, T, rank)
+    elif f["rows_at"] is not None:  # each row's own factors, kept: two bmm
+        h = torch.bmm(xs, f["rows_at"])  # (B, T, rank)
         if inplace:
-            out = start.baddbmm_(h, rows_b.transpose(1, 2))  # (B, T, out)
+            out = start.baddbmm_(h, f["rows_b"].transpose(1, 2))  # (B, T, out)
         else:
-            out = torch.baddbmm(start, h, rows_b.transpose(1, 2))
+            out = torch.baddbmm(start, h, f["rows_b"].transpose(1, 2))
+    else:  # more rows than adapters: one pair of products per adapter over its rows
+        rows, slot_b = f["grouped"], f["b_flat"].view(out_f, -1, f["a"].shape[1])  # (out, K+1, rank)
+        xg = xs.index_select(0, rows)  # (M, T, in), grouped by adapter
+        def update(k: int, s: int, e: int) -> torch.Tensor:  # (e - s, T, out)
+            return F.linear(F.linear(xg[s:e], f["a"][k]), slot_b[:, k])
+
+        if inplace:
+            for k, s, e in f["groups"]:
+                start.index_add_(0, rows[s:e], update(k, s, e))
+            out = start
+        else:
+            out = start.index_add(0, rows, torch.cat([update(*group) for group in f["groups"]]))
     return out.to(result.dtype).view(result.shape)
 
 
