@@ -230,21 +230,26 @@ def low_rank_forward(
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
-def _routed_factors(parts: list[LoRAWeights], x: torch.Tensor, dtype: torch.dtype, cache: dict | None) -> dict:
-    """The routed adapters' factors stacked, and each row's slot.
+def _routed_factors(
+    parts: list[LoRAWeights], x: torch.Tensor, dtype: torch.dtype, cache: dict | None
+) -> dict:
+    """The routed adapters' factors stacked, each row's slot, and how the rows are served.
 
     Returns a dict with ``a`` ``(K+1, rank, in)`` and ``b_flat`` ``(out, (K+1) rank)`` (slot 0
     zeros for rows of no adapter; ranks zero-padded to the largest; scales folded into
-    ``B``), ``keep`` ``(B, (K+1) rank)`` (1 on each row's own adapter) and ``rows_at``
-    ``(B, in, rank)``, ``rows_b`` ``(B, out, rank)``: each row's own factors, kept when there
-    are no more rows than slots (then no larger than the stack), else ``None`` (gathered per
-    forward). Without gradients all of it is kept in ``cache``: the factors until an
+    ``B``), ``keep`` ``(B, (K+1) rank)`` (1 on each row's own adapter), and either each row's
+    own factors ``rows_at`` ``(B, in, rank)`` and ``rows_b`` ``(B, out, rank)`` when there are
+    no more rows than slots (then no larger than the stack), or the rows of some adapter
+    grouped by slot, ``grouped`` ``(M,)``, with each slot's ``(slot, start, end)`` in it,
+    ``groups``. Without gradients all of it is kept in ``cache``: the factors until an
     adapter's weights, scale or dtype change, the rest until the routing changes, so serving
     builds them once per layer, not per forward.
     """
     grad = torch.is_grad_enabled() and any(p.lora_a.requires_grad or p.lora_b.requires_grad for p in parts)
     store = cache if cache is not None and not grad else {}
-    key = tuple((id(p), p.lora_a.data_ptr(), p.lora_a._version, p.lora_b._version, p.scale, p.r) for p in parts)
+    key = tuple(
+        (id(p), p.lora_a.data_ptr(), p.lora_a._version, p.lora_b._version, p.scale, p.r) for p in parts
+    )
     key += (dtype, x.device)
     if store.get("key") != key:
         rank = max(p.r for p in parts)
@@ -264,31 +269,20 @@ def _routed_factors(parts: list[LoRAWeights], x: torch.Tensor, dtype: torch.dtyp
             slot = torch.where(rows.to(x.device), k, slot)
         slots, rank = store["a"].shape[:2]
         keep = F.one_hot(slot, slots).to(dtype).repeat_interleave(rank, dim=1)  # (B, (K+1) rank)
-        kept = x.shape[0] <= slots
-        order = torch.argsort(slot, stable=True)  # rows grouped by slot, base rows first
-        counts = torch.bincount(slot, minlength=slots).tolist()
-        ends = [sum(counts[: k + 1]) for k in range(slots)]
-        store.update(
-            routing=routing,
-            slot=slot,
-            keep=keep,
-            rows_at=_gather_a(store, slot).transpose(1, 2).contiguous() if kept else None,
-            rows_b=_gather_b(store, slot) if kept else None,
-            grouped=order[counts[0] :],  # rows of some adapter, grouped by slot
-            groups=[(k, ends[k - 1] - counts[0], ends[k] - counts[0]) for k in range(1, slots) if counts[k]],
-        )
+        store.update(routing=routing, slot=slot, keep=keep, rows_at=None, rows_b=None)
+        if x.shape[0] <= slots:
+            out_f = store["b_flat"].shape[0]
+            store["rows_at"] = store["a"][slot].transpose(1, 2).contiguous()
+            store["rows_b"] = store["b_flat"].view(out_f, slots, rank).permute(1, 0, 2)[slot]
+        else:
+            order = torch.argsort(slot, stable=True)  # rows grouped by slot, base rows first
+            counts = torch.bincount(slot, minlength=slots).tolist()
+            ends = [sum(counts[: k + 1]) for k in range(slots)]
+            store["grouped"] = order[counts[0] :]
+            store["groups"] = [
+                (k, ends[k - 1] - counts[0], ends[k] - counts[0]) for k in range(1, slots) if counts[k]
+            ]
     return store
-
-
-def _gather_a(factors: dict, slot: torch.Tensor) -> torch.Tensor:
-    """Each row's ``A``, ``(B, rank, in)``."""
-    return factors["a"][slot]
-
-
-def _gather_b(factors: dict, slot: torch.Tensor) -> torch.Tensor:
-    """Each row's scaled ``B``, ``(B, out, rank)``."""
-    out_f, slots, rank = factors["b_flat"].shape[0], *factors["a"].shape[:2]
-    return factors["b_flat"].view(out_f, slots, rank).permute(1, 0, 2)[slot]
 
 
 def routed_low_rank(
@@ -341,6 +335,7 @@ def routed_low_rank(
     else:  # more rows than adapters: one pair of products per adapter over its rows
         rows, slot_b = f["grouped"], f["b_flat"].view(out_f, -1, f["a"].shape[1])  # (out, K+1, rank)
         xg = xs.index_select(0, rows)  # (M, T, in), grouped by adapter
+
         def update(k: int, s: int, e: int) -> torch.Tensor:  # (e - s, T, out)
             return F.linear(F.linear(xg[s:e], f["a"][k]), slot_b[:, k])
 
