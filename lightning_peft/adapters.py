@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core.ownership import AdapterPart, adapter_parts
+from .core.ownership import adapter_parts
 from .methods.base import AdapterRecord, Method, MethodError, find_record, sync_adapters, sync_requires_grad
 
 __all__ = [
@@ -193,7 +193,7 @@ def adapter_per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[n
     record = _record(model, "adapter_per_row")
     first = next(model.parameters(), None)
     masks = _row_masks(names, record, first.device if first is not None else None, model)
-    parts = [m for m in model.modules() if isinstance(m, AdapterPart)]
+    parts = [part for _, part in adapter_parts(model)]  # one walk serves the merged check and the routing
     merged = {p.adapter_name for p in parts if p.merged and p.adapter_name in masks}
     baked = {c.adapter_name for c in record.configs if c.in_place}
     if merged or baked:

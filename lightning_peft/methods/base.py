@@ -121,8 +121,8 @@ class Method:
         """Undo :meth:`merge` (nothing to do by default)."""
 
     def is_merged(self, model: nn.Module) -> bool:
-        """Whether this adapter is currently folded into the base weights."""
-        return False
+        """Whether this adapter is currently folded into the base weights (any of its parts' ``merged``)."""
+        return any(part.merged for _, part in adapter_parts(model, self.adapter_name))
 
     def folded_layers(self, model: nn.Module, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
         """Plain tensors of every layer this adapter wraps, the active adapters folded in.

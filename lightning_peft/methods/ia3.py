@@ -344,10 +344,6 @@ class IA3Config(Method):
         for _, layer in ia3_layers(model, self.adapter_name):
             layer.unmerge_adapter(self.adapter_name)
 
-    def is_merged(self, model: nn.Module) -> bool:
-        """Whether this adapter is folded into any base weight."""
-        return any(layer.ia3[self.adapter_name].merged for _, layer in ia3_layers(model, self.adapter_name))
-
     def folded_layers(self, model: nn.Module, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
         """Each rescaled layer's weight and bias with every active vector folded in."""
         return {name: layer.folded(dtype) for name, layer in ia3_layers(model, self.adapter_name)}

@@ -332,10 +332,6 @@ class LoRAConfig(Method):
         for _, layer in lora_layers(model, self.adapter_name):
             layer.unmerge_adapter(self.adapter_name)
 
-    def is_merged(self, model: nn.Module) -> bool:
-        """Whether this adapter is folded into any base weight."""
-        return any(layer.lora[self.adapter_name].merged for _, layer in lora_layers(model, self.adapter_name))
-
     def remove(self, model: nn.Module) -> None:
         """Take this adapter out (unmerged first); a layer left without adapters gets its plain self back."""
         self.unmerge(model)

@@ -7,6 +7,7 @@ file is read in one sitting. See that module for the papers.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from typing import Any
 
@@ -277,11 +278,9 @@ def _routed_factors(
         else:
             order = torch.argsort(slot, stable=True)  # rows grouped by slot, base rows first
             counts = torch.bincount(slot, minlength=slots).tolist()
-            ends = [sum(counts[: k + 1]) for k in range(slots)]
+            starts = list(itertools.accumulate(counts[1:], initial=0))  # in the adapter rows
             store["grouped"] = order[counts[0] :]
-            store["groups"] = [
-                (k, ends[k - 1] - counts[0], ends[k] - counts[0]) for k in range(1, slots) if counts[k]
-            ]
+            store["groups"] = [(k, starts[k - 1], starts[k]) for k in range(1, slots) if counts[k]]
     return store
 
 
